@@ -1,0 +1,5 @@
+"""The example environment's env.py: the whole body is one call."""
+
+from alembic_autolock.env import run_migrations
+
+run_migrations(target_metadata=None)

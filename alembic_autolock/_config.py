@@ -1,0 +1,108 @@
+"""Finding and loading the Alembic configuration, the way Alembic's own CLI finds it."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from alembic.config import Config
+
+from .exceptions import ConfigError
+
+ConfigLike = str | os.PathLike[str] | Config | None
+
+
+def _has_tool_table(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            tool = tomllib.load(f).get("tool", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    return "alembic" in tool or "alembic_autolock" in tool
+
+
+def load_config(config: ConfigLike, *, environ: os._Environ[str] | dict[str, str]) -> Config:
+    """Return an Alembic ``Config`` for ``config`` (a path, a Config or None).
+
+    None means what the ``alembic`` command does: ``$ALEMBIC_CONFIG``, else ``./alembic.ini``,
+    else ``./pyproject.toml`` (with a ``[tool.alembic]`` table). An ini file picks up a
+    ``pyproject.toml`` beside it, as the CLI does.
+    """
+    if isinstance(config, Config):
+        return config
+    looked: list[str] = []
+    if config is None:
+        env_path = environ.get("ALEMBIC_CONFIG")
+        if env_path:
+            candidates = [Path(env_path)]
+            looked.append(f"$ALEMBIC_CONFIG={env_path}")
+        else:
+            candidates = [Path("alembic.ini"), Path("pyproject.toml")]
+            looked.extend(str(Path.cwd() / c) for c in candidates)
+    else:
+        candidates = [Path(config)]
+        looked.append(str(Path(config).absolute()))
+    for path in candidates:
+        if not path.is_file():
+            continue
+        if path.suffix == ".toml":
+            if not _has_tool_table(path):
+                looked[-1] += " (no [tool.alembic] table)"
+                continue
+            return Config(toml_file=str(path))
+        toml = path.with_name("pyproject.toml")
+        return Config(str(path), toml_file=str(toml) if _has_tool_table(toml) else None)
+    raise ConfigError(
+        "no Alembic configuration found; looked for: "
+        + ", ".join(looked)
+        + ". Pass config='path/to/alembic.ini', set ALEMBIC_CONFIG, or run from the directory "
+        "that holds alembic.ini."
+    )
+
+
+def config_sections(cfg: Config) -> tuple[dict[str, Any], str | None, dict[str, Any], str | None]:
+    """The ``[alembic_autolock]`` ini section and ``[tool.alembic_autolock]`` toml table.
+
+    Returns (ini values, ini source label, toml values, toml source label).
+    """
+    ini: dict[str, Any] = {}
+    ini_label = None
+    if cfg.config_file_name is not None:
+        parser = cfg.file_config
+        if parser.has_section("alembic_autolock"):
+            defaults = set(parser.defaults())
+            ini = {
+                k: parser.get("alembic_autolock", k)
+                for k in parser.options("alembic_autolock")
+                if k not in defaults
+            }
+            ini_label = f"{cfg.config_file_name} [alembic_autolock]"
+    toml: dict[str, Any] = {}
+    toml_label = None
+    if cfg.toml_file_name is not None:
+        path = Path(cfg.toml_file_name)
+        if path.is_file():
+            try:
+                with path.open("rb") as f:
+                    table = tomllib.load(f).get("tool", {}).get("alembic_autolock", {})
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: [tool.alembic_autolock] must be a table")
+            toml = dict(table)
+            toml_label = f"{path} [tool.alembic_autolock]"
+    return ini, ini_label, toml, toml_label
+
+
+def script_location(cfg: Config) -> str:
+    """The configured script location, or a ConfigError that says where to set it."""
+    location = cfg.get_alembic_option("script_location")
+    if not location:
+        where = cfg.config_file_name or cfg.toml_file_name or "the Config object"
+        raise ConfigError(
+            f"no script_location in {where}: set script_location in the [alembic] section "
+            "(or [tool.alembic] in pyproject.toml) to the directory that holds env.py."
+        )
+    return str(location)

@@ -1,0 +1,86 @@
+"""Structured events.
+
+The library never configures structlog. When the application has configured it, events go
+through the application's structlog pipeline under the logger name ``alembic_autolock``. When it
+has not, they go to the stdlib logger ``alembic_autolock`` (so an unconfigured app, or
+``alembic upgrade --sql``, never gets events printed on stdout); the message is
+``event key=value ...`` and the fields are also on the record as ``autolock_event`` and
+``autolock_fields``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import structlog
+from sqlalchemy.engine import URL, make_url
+
+LOGGER_NAME = "alembic_autolock"
+
+# Event names: part of the documented contract (docs/events.md).
+CACHE_HIT = "check.cached"
+CHECK_CURRENT = "check.current"
+CHECK_PENDING = "check.pending"
+CHECK_AHEAD = "check.ahead"
+MODE_OFF = "check.skipped"
+LOCK_WAITING = "lock.waiting"
+LOCK_ACQUIRED = "lock.acquired"
+LOCK_RELEASED = "lock.released"
+LOCK_TIMEOUT = "lock.timeout"
+LOCK_DISABLED = "lock.disabled"
+LOCK_LOST = "lock.lost"
+LOCK_RELEASE_FAILED = "lock.release_failed"
+MIGRATION_STARTED = "migration.started"
+MIGRATION_STEP = "migration.step"
+MIGRATION_COMPLETED = "migration.completed"
+MIGRATION_FAILED = "migration.failed"
+MIGRATED_BY_OTHER = "migration.done_by_other"
+GATE_CLOSED = "gate.closed"
+
+_stdlib_logger = logging.getLogger(LOGGER_NAME)
+
+
+def _to_stdlib(
+    logger: Any, method_name: str, event_dict: structlog.typing.EventDict
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    event = str(event_dict.pop("event", ""))
+    fields = dict(event_dict)
+    text = " ".join([event, *(f"{k}={v}" for k, v in fields.items())])
+    return (text,), {"extra": {"autolock_event": event, "autolock_fields": fields}}
+
+
+_fallback = structlog.wrap_logger(
+    _stdlib_logger,
+    processors=[_to_stdlib],
+    wrapper_class=structlog.stdlib.BoundLogger,
+)
+
+
+def logger() -> Any:
+    """The logger to emit an event on; see the module docstring."""
+    if structlog.is_configured():
+        return structlog.stdlib.get_logger(LOGGER_NAME)
+    return _fallback
+
+
+def emit(event: str, level: str = "info", **fields: Any) -> None:
+    getattr(logger(), level)(event, **fields)
+
+
+def mask_url(url: str | URL) -> str:
+    """Render a database or Redis URL with its password replaced by ***."""
+    try:
+        parsed = make_url(url) if isinstance(url, str) else url
+    except Exception:  # not an SQLAlchemy URL (e.g. redis://): mask by hand
+        return _mask_generic(str(url))
+    return parsed.render_as_string(hide_password=True)
+
+
+def _mask_generic(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user, colon, _password = creds.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{host}"

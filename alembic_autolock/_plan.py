@@ -1,0 +1,199 @@
+"""Preparing a run: configuration, settings, scripts, identity. Everything here is computed once
+per (engine, arguments) and reused until the cache TTL runs out."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.script.revision import ResolutionError
+from alembic.util import CommandError
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+
+from ._config import ConfigLike, load_config, script_location
+from ._events import mask_url
+from ._settings import Settings, resolve_settings
+from .exceptions import ConfigError, DatabaseUnavailable
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: Settings
+    cfg: Config
+    script: ScriptDirectory
+    script_heads: frozenset[str]
+    cache_key: tuple[str, str, str | None, str]
+    namespace: str
+    masked_url: str
+    engine_ref: weakref.ReferenceType[Engine]
+
+
+def derive_namespace(settings: Settings, engine: Engine) -> str:
+    """The lock identity: the database, the version table's schema and the version table.
+
+    The host is left out on purpose: two replicas that reach one server under two names must
+    still exclude each other (a collision between two servers only serialises them).
+    """
+    if settings.namespace is not None:
+        return settings.namespace
+    url = engine.url
+    database = url.database or url.username or ""
+    if url.get_backend_name() == "sqlite" and database not in ("", ":memory:"):
+        from .locks.file import sqlite_path
+
+        database = sqlite_path(url) or database
+    return (
+        f"alembic_autolock:{database}:{settings.version_table_schema or ''}:"
+        f"{settings.version_table}"
+    )
+
+
+def load_scripts(cfg: Config) -> tuple[ScriptDirectory, frozenset[str]]:
+    """The ScriptDirectory and its heads, with Alembic's errors turned into ConfigError.
+
+    ``prepend_sys_path`` makes every ``ScriptDirectory.from_config`` prepend to ``sys.path``
+    again; entries it adds that were already there are removed.
+    """
+    location = script_location(cfg)
+    before = list(sys.path)
+    try:
+        script = ScriptDirectory.from_config(cfg)
+        heads = frozenset(script.get_heads())
+    except CommandError as exc:
+        raise ConfigError(f"cannot load the migration scripts at {location}: {exc}") from exc
+    except Exception as exc:  # a revision file that does not import
+        raise ConfigError(
+            f"cannot load the migration scripts at {location}: {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        added = len(sys.path) - len(before)
+        if added > 0 and sys.path[added:] == before:
+            fresh = [p for p in sys.path[:added] if p not in before]
+            sys.path[:] = fresh + before
+    return script, heads
+
+
+def prepare(engine: Engine, config: ConfigLike, overrides: Mapping[str, Any]) -> Plan:
+    if not isinstance(engine, Engine):
+        raise ConfigError(
+            f"expected an SQLAlchemy Engine, got {type(engine).__name__}: pass the result of "
+            "sqlalchemy.create_engine(...)"
+        )
+    from os import environ
+
+    cfg = load_config(config, environ=environ)
+    settings = resolve_settings(overrides, cfg)
+    script, heads = load_scripts(cfg)
+    masked = mask_url(engine.url)
+    return Plan(
+        settings=settings,
+        cfg=cfg,
+        script=script,
+        script_heads=heads,
+        cache_key=(masked, script.dir, settings.version_table_schema, settings.version_table),
+        namespace=derive_namespace(settings, engine),
+        masked_url=masked,
+        engine_ref=weakref.ref(engine),
+    )
+
+
+@contextmanager
+def connect(engine: Engine, masked_url: str | None = None) -> Iterator[Connection]:
+    """engine.connect(), with a failure to connect turned into DatabaseUnavailable."""
+    try:
+        conn = engine.connect()
+    except DBAPIError as exc:
+        raise unavailable(engine, exc, masked_url) from exc
+    with conn:
+        yield conn
+
+
+def unavailable(engine: Engine, exc: DBAPIError, masked_url: str | None = None) -> Exception:
+    masked = masked_url or mask_url(engine.url)
+    detail = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+    password = engine.url.password
+    if password:
+        detail = detail.replace(str(password), "***")
+    return DatabaseUnavailable(
+        f"cannot connect to {masked}: {detail}. Check that the server is running and that the "
+        "URL, user and password are right.",
+        url=masked,
+    )
+
+
+def read_heads(
+    engine: Engine, settings: Settings, masked_url: str | None = None
+) -> tuple[str, ...]:
+    """The database's current heads, read on a fresh connection that is then closed."""
+    with connect(engine, masked_url) as conn:
+        ctx = MigrationContext.configure(
+            connection=conn,
+            opts={
+                "version_table": settings.version_table,
+                "version_table_schema": settings.version_table_schema,
+            },
+        )
+        return tuple(sorted(ctx.get_current_heads()))
+
+
+def unknown_heads(script: ScriptDirectory, heads: tuple[str, ...]) -> list[str]:
+    """The heads that these scripts do not contain (the database is ahead of the code)."""
+    missing = []
+    for head in heads:
+        try:
+            script.revision_map.get_revision(head)
+        except (ResolutionError, CommandError):
+            missing.append(head)
+    return missing
+
+
+def pending_steps(script: ScriptDirectory, heads: tuple[str, ...]) -> list[tuple[str, str | None]]:
+    """(revision, message) of what ``upgrade heads`` would apply, in order."""
+    steps = script._upgrade_revs("heads", heads)  # type: ignore[arg-type]  # as command.upgrade
+    return [(step.revision.revision, step.revision.doc) for step in steps]
+
+
+def ancestors(script: ScriptDirectory, heads: tuple[str, ...]) -> set[str]:
+    """Every revision applied when the database is at ``heads``."""
+    if not heads:
+        return set()
+    return {rev.revision for rev in script.iterate_revisions(heads, "base") if rev is not None}
+
+
+def clone_config(cfg: Config) -> Config:
+    """A shallow copy of ``cfg`` with its own ``attributes``, so a run never changes the caller's
+    Config and two runs never share a connection through it."""
+    clone = copy.copy(cfg)
+    vars(clone)["attributes"] = dict(cfg.attributes)
+    clone.attributes.setdefault("configure_logger", False)
+    return clone
+
+
+@contextmanager
+def keep_loggers_enabled() -> Iterator[None]:
+    """Undo what a stock env.py's ``fileConfig()`` does to the application's loggers.
+
+    ``logging.config.fileConfig`` disables every logger that exists when it runs; an app that
+    calls ensure_migrated would otherwise lose its own logging.
+    """
+    manager = logging.Logger.manager
+    enabled = [
+        lg
+        for lg in list(manager.loggerDict.values())
+        if isinstance(lg, logging.Logger) and not lg.disabled
+    ]
+    try:
+        yield
+    finally:
+        for lg in enabled:
+            lg.disabled = False

@@ -1,0 +1,328 @@
+"""ensure_migrated, upgrade, downgrade and status.
+
+The shape of every run: the in-process cache, then the database, then the lock, then a second
+look under the lock, then Alembic on a fresh connection, then the release. The lock lives on its
+own connection, never the one Alembic migrates on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from alembic.script.revision import ResolutionError
+from alembic.util import CommandError
+from sqlalchemy.engine import Engine
+
+from . import _events as events
+from . import _state
+from ._config import ConfigLike
+from ._plan import Plan, pending_steps, prepare, read_heads, unknown_heads
+from ._run import gate_downgrade, run_alembic
+from .exceptions import ConfigError, DatabaseAhead, MigrationFailed, PendingMigrations
+from .locks import Holder, MigrationLock, make_backend
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """What one call did.
+
+    ``action`` is one of ``cached`` (answered from the in-process cache), ``current`` (already
+    at the target, nothing applied), ``upgraded``, ``downgraded``, ``ahead`` (the database is at a
+    revision these scripts do not know; nothing touched) or ``skipped`` (mode = off).
+    """
+
+    action: str
+    applied: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ()
+    waited_s: float = 0.0
+    elapsed_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class PendingRevision:
+    revision: str
+    message: str | None
+
+
+@dataclass(frozen=True)
+class Status:
+    """The database's migration state, the scripts' heads, and the lock."""
+
+    current_heads: tuple[str, ...]
+    script_heads: tuple[str, ...]
+    pending: tuple[PendingRevision, ...]
+    at_head: bool
+    unknown_heads: tuple[str, ...]
+    lock_backend: str
+    namespace: str
+    holders: tuple[Holder, ...] = ()
+    holders_error: str | None = None
+    database: str = ""
+    mode: str = "upgrade"
+    environment: str = "development"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def ahead(self) -> bool:
+        return bool(self.unknown_heads)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "database": self.database,
+            "current_heads": list(self.current_heads),
+            "script_heads": list(self.script_heads),
+            "at_head": self.at_head,
+            "ahead": self.ahead,
+            "unknown_heads": list(self.unknown_heads),
+            "pending": [{"revision": p.revision, "message": p.message} for p in self.pending],
+            "lock": {
+                "backend": self.lock_backend,
+                "namespace": self.namespace,
+                "holders": [h.as_dict() for h in self.holders],
+                "error": self.holders_error,
+            },
+            "mode": self.mode,
+            "environment": self.environment,
+        }
+
+
+def _plan_for(engine: Engine, config: ConfigLike, overrides: Mapping[str, Any]) -> Plan:
+    return prepare(engine, config, overrides)
+
+
+def _remember(plan: Plan, heads: tuple[str, ...]) -> None:
+    ttl = plan.settings.cache_ttl
+    if ttl > 0 and frozenset(heads) == plan.script_heads:
+        _state.heads[plan.cache_key] = (time.monotonic() + ttl, frozenset(heads))
+
+
+def _handle_ahead(
+    plan: Plan, heads: tuple[str, ...], unknown: list[str], started: float, waited: float = 0.0
+) -> MigrationResult:
+    events.emit(
+        events.CHECK_AHEAD,
+        "warning",
+        database=plan.masked_url,
+        heads=list(heads),
+        unknown=unknown,
+    )
+    if plan.settings.on_ahead == "error":
+        raise DatabaseAhead(unknown=unknown, heads=heads)
+    return MigrationResult("ahead", (), heads, waited, time.perf_counter() - started)
+
+
+def ensure_migrated(
+    engine: Engine, *, config: ConfigLike = None, **settings: Any
+) -> MigrationResult:
+    """Bring the database to head if the mode allows it, else verify that it is there.
+
+    A call at head within ``cache_ttl`` of the last check is answered from memory. Otherwise
+    the database is read; if revisions are pending, the lock is taken, the database is read
+    again (another process may have migrated meanwhile), and the pending revisions are applied
+    on a fresh connection, each in its own transaction by default.
+
+    ``config`` is a path to alembic.ini or pyproject.toml, an ``alembic.config.Config``, or None
+    (``$ALEMBIC_CONFIG``, else ./alembic.ini, else ./pyproject.toml). ``settings`` override
+    any setting (see docs/configuration.md).
+    """
+    started = time.perf_counter()
+    try:
+        memo: Any = (id(engine), config, tuple(sorted(settings.items())) if settings else ())
+        plan = _state.plans.get(memo)
+    except TypeError:  # an unhashable setting value: no memo, everything still works
+        memo, plan = None, None
+    if plan is not None and plan.engine_ref() is engine:
+        entry = _state.heads.get(plan.cache_key)
+        if entry is not None and entry[0] > time.monotonic():
+            return MigrationResult(
+                "cached", (), tuple(sorted(entry[1])), 0.0, time.perf_counter() - started
+            )
+    plan = _plan_for(engine, config, settings)
+    if memo is not None and plan.settings.cache_ttl > 0:
+        _state.plans[memo] = plan
+    s = plan.settings
+    if s.mode == "off":
+        events.emit(events.MODE_OFF, database=plan.masked_url, environment=s.environment)
+        return MigrationResult("skipped", elapsed_s=time.perf_counter() - started)
+
+    heads = read_heads(engine, s, plan.masked_url)
+    if frozenset(heads) == plan.script_heads:
+        _remember(plan, heads)
+        events.emit(events.CHECK_CURRENT, database=plan.masked_url, heads=list(heads))
+        return MigrationResult("current", (), heads, 0.0, time.perf_counter() - started)
+    unknown = unknown_heads(plan.script, heads)
+    if unknown:
+        return _handle_ahead(plan, heads, unknown, started)
+    pending = pending_steps(plan.script, heads)
+    events.emit(
+        events.CHECK_PENDING,
+        database=plan.masked_url,
+        heads=list(heads),
+        pending=[rev for rev, _ in pending],
+        mode=s.mode,
+    )
+    if s.mode == "check":
+        raise PendingMigrations(pending=pending, heads=heads, command=_upgrade_command(plan))
+    return _migrate(engine, plan, "heads", upgrade=True, started=started, second_look=True)
+
+
+def _upgrade_command(plan: Plan) -> str:
+    where = plan.cfg.config_file_name or plan.cfg.toml_file_name
+    return f"alembic-autolock -c {where} upgrade" if where else "alembic-autolock upgrade"
+
+
+def _migrate(
+    engine: Engine,
+    plan: Plan,
+    destination: str,
+    *,
+    upgrade: bool,
+    started: float,
+    second_look: bool,
+) -> MigrationResult:
+    s = plan.settings
+    lock = MigrationLock(make_backend(s, engine, plan.namespace), plan.namespace, s.timeout)
+    waited = lock.acquire()
+    try:
+        heads = read_heads(engine, s, plan.masked_url)
+        if second_look and frozenset(heads) == plan.script_heads:
+            events.emit(
+                events.MIGRATED_BY_OTHER,
+                database=plan.masked_url,
+                heads=list(heads),
+                waited_s=round(waited, 3),
+            )
+            _remember(plan, heads)
+            return MigrationResult("current", (), heads, waited, time.perf_counter() - started)
+        unknown = unknown_heads(plan.script, heads)
+        if unknown and upgrade:
+            return _handle_ahead(plan, heads, unknown, started, waited)
+        _state.forget_heads(plan.cache_key)
+        tracker = run_alembic(
+            engine,
+            cfg=plan.cfg,
+            script=plan.script,
+            settings=s,
+            lock=lock,
+            destination=destination,
+            upgrade=upgrade,
+            masked_url=plan.masked_url,
+        )
+        after = read_heads(engine, s, plan.masked_url)
+    finally:
+        lock.release()
+    if upgrade and destination == "heads" and frozenset(after) != plan.script_heads:
+        cause = RuntimeError(
+            f"env.py finished but the database is at {list(after) or 'no revision'}, not at "
+            f"head {sorted(plan.script_heads)}"
+        )
+        raise MigrationFailed(
+            revision=None,
+            applied=tracker.done,
+            cause=cause,
+            heads=after,
+            state=f"database at {', '.join(after) or 'no revision'}",
+            hint="env.py probably ran the migrations in a transaction that was never committed "
+            "(a connection that had executed a statement before context.configure()). Use "
+            "alembic_autolock.env.run_migrations() in env.py.",
+        )
+    _remember(plan, after)
+    elapsed = time.perf_counter() - started
+    action = ("upgraded" if upgrade else "downgraded") if tracker.done else "current"
+    events.emit(
+        events.MIGRATION_COMPLETED,
+        database=plan.masked_url,
+        action=action,
+        applied=tracker.done,
+        heads=list(after),
+        waited_s=round(waited, 3),
+        elapsed_s=round(elapsed, 3),
+    )
+    return MigrationResult(action, tuple(tracker.done), after, waited, elapsed)
+
+
+def _check_revision(plan: Plan, revision: str) -> None:
+    """Reject an unknown absolute revision before anything is locked or applied."""
+    if revision in ("head", "heads", "base") or revision[:1] in ("+", "-") or "@" in revision:
+        return
+    try:
+        found = plan.script.get_revisions(revision)
+    except (CommandError, ResolutionError) as exc:
+        raise ConfigError(
+            f"unknown revision {revision!r}: {exc}. See `alembic history` for the revisions "
+            "these scripts contain (nothing was applied).",
+            key="revision",
+            value=revision,
+            source="argument",
+        ) from exc
+    if not found:
+        raise ConfigError(f"unknown revision {revision!r} (nothing was applied)")
+
+
+def upgrade(
+    engine: Engine, revision: str = "head", *, config: ConfigLike = None, **settings: Any
+) -> MigrationResult:
+    """Upgrade to ``revision`` (default ``head``; ``heads`` for every branch) under the lock.
+
+    Never served from the cache and not subject to ``mode``: an explicit upgrade is an
+    operator's decision."""
+    started = time.perf_counter()
+    plan = _plan_for(engine, config, settings)
+    _check_revision(plan, revision)
+    if revision in ("head", "heads"):
+        heads = read_heads(engine, plan.settings, plan.masked_url)
+        if frozenset(heads) == plan.script_heads:
+            _remember(plan, heads)
+            return MigrationResult("current", (), heads, 0.0, time.perf_counter() - started)
+        unknown = unknown_heads(plan.script, heads)
+        if unknown:
+            return _handle_ahead(plan, heads, unknown, started)
+    return _migrate(engine, plan, revision, upgrade=True, started=started, second_look=False)
+
+
+def downgrade(
+    engine: Engine, revision: str, *, config: ConfigLike = None, **settings: Any
+) -> MigrationResult:
+    """Downgrade to ``revision`` under the lock, if ``allow_downgrade`` permits it here."""
+    started = time.perf_counter()
+    plan = _plan_for(engine, config, settings)
+    gate_downgrade(plan.settings)
+    _check_revision(plan, revision)
+    return _migrate(engine, plan, revision, upgrade=False, started=started, second_look=False)
+
+
+def status(engine: Engine, *, config: ConfigLike = None, **settings: Any) -> Status:
+    """The current heads, the script heads, what is pending, and who holds the lock."""
+    plan = _plan_for(engine, config, settings)
+    s = plan.settings
+    heads = read_heads(engine, s, plan.masked_url)
+    unknown = unknown_heads(plan.script, heads)
+    pending = (
+        ()
+        if unknown
+        else tuple(PendingRevision(rev, msg) for rev, msg in pending_steps(plan.script, heads))
+    )
+    holders: tuple[Holder, ...] = ()
+    error = None
+    backend = make_backend(s, engine, plan.namespace)
+    try:
+        holders = tuple(backend.holders())
+    except Exception as exc:  # the state of the database is still worth reporting
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return Status(
+        current_heads=heads,
+        script_heads=tuple(sorted(plan.script_heads)),
+        pending=pending,
+        at_head=frozenset(heads) == plan.script_heads,
+        unknown_heads=tuple(unknown),
+        lock_backend=backend.name,
+        namespace=plan.namespace,
+        holders=holders,
+        holders_error=error,
+        database=plan.masked_url,
+        mode=s.mode,
+        environment=s.environment,
+    )

@@ -1,0 +1,246 @@
+"""Settings: resolved in exactly one function into one frozen object.
+
+Precedence, highest first: keyword arguments, ``ALEMBIC_AUTOLOCK_<KEY>`` environment variables,
+``[alembic_autolock]`` in alembic.ini, ``[tool.alembic_autolock]`` in pyproject.toml, defaults.
+Types are coerced here and only here. A bad value raises ConfigError naming the key, the value
+and where it came from.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from alembic.config import Config
+
+from ._config import config_sections
+from .exceptions import ConfigError
+
+ENV_PREFIX = "ALEMBIC_AUTOLOCK_"
+
+LOCK_NAMES = ("auto", "postgresql", "mysql", "file", "none")
+MODES = ("off", "check", "upgrade")
+TRANSACTIONS = ("per-migration", "all")
+ON_AHEAD = ("warn", "error")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved settings. ``sources`` maps each key to where its value came from."""
+
+    lock: str = "auto"
+    lock_url: str | None = None
+    timeout: float = 30.0
+    cache_ttl: float = 300.0
+    mode: str = "upgrade"
+    environment: str = "development"
+    production_environments: frozenset[str] = frozenset({"production", "prod"})
+    allow_downgrade: bool = True
+    transaction: str = "per-migration"
+    namespace: str | None = None
+    version_table: str = "alembic_version"
+    version_table_schema: str | None = None
+    on_ahead: str = "warn"
+    lock_ttl: float = 15.0
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment.lower() in self.production_environments
+
+    def source(self, key: str) -> str:
+        return self.sources.get(key, "default")
+
+
+def _fail(key: str, value: object, source: str, expected: str) -> ConfigError:
+    shown = "<redacted>" if key == "lock_url" else repr(value)
+    return ConfigError(
+        f"invalid value {shown} for setting {key!r} (from {source}): expected {expected}",
+        key=key,
+        value=value,
+        source=source,
+    )
+
+
+def _as_str(key: str, value: object, source: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(key, value, source, "a string")
+    return value.strip()
+
+
+def _as_seconds(key: str, value: object, source: str) -> float:
+    if isinstance(value, bool):
+        raise _fail(key, value, source, "a number of seconds >= 0")
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise _fail(key, value, source, "a number of seconds >= 0") from None
+    if not math.isfinite(number) or number < 0:
+        raise _fail(key, value, source, "a number of seconds >= 0")
+    return number
+
+
+def _as_bool(key: str, value: object, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise _fail(key, value, source, "true or false")
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str, object, str], str]:
+    def parse(key: str, value: object, source: str) -> str:
+        text = value.strip().lower().replace("_", "-") if isinstance(value, str) else None
+        if text not in choices:
+            raise _fail(key, value, source, "one of " + ", ".join(choices))
+        return text
+
+    return parse
+
+
+def _parse_lock(key: str, value: object, source: str) -> str:
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in LOCK_NAMES:
+            return text.lower()
+        if text.lower().startswith(("redis://", "rediss://", "unix://")):
+            return text
+    raise _fail(
+        key,
+        value,
+        source,
+        "one of " + ", ".join(LOCK_NAMES) + ", or a redis://host:port/db URL",
+    )
+
+
+def _parse_envs(key: str, value: object, source: str) -> frozenset[str]:
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = [str(v) for v in value]
+    else:
+        raise _fail(key, value, source, "a comma-separated list of environment names")
+    names = frozenset(i.strip().lower() for i in items if i.strip())
+    if not names:
+        raise _fail(key, value, source, "at least one environment name")
+    return names
+
+
+def _optional_str(key: str, value: object, source: str) -> str | None:
+    text = _as_str(key, value, source)
+    return text or None
+
+
+def _identifier(key: str, value: object, source: str) -> str:
+    text = _as_str(key, value, source)
+    if not text:
+        raise _fail(key, value, source, "a non-empty table name")
+    return text
+
+
+def _lock_url(key: str, value: object, source: str) -> str | None:
+    text = _as_str(key, value, source)
+    if not text:
+        return None
+    if "://" not in text:
+        raise _fail(key, value, source, "an SQLAlchemy URL such as postgresql://host/db")
+    return text
+
+
+_PARSERS: dict[str, Callable[[str, object, str], Any]] = {
+    "lock": _parse_lock,
+    "lock_url": _lock_url,
+    "timeout": _as_seconds,
+    "cache_ttl": _as_seconds,
+    "mode": _choice(MODES),
+    "environment": _identifier,
+    "production_environments": _parse_envs,
+    "allow_downgrade": _as_bool,
+    "transaction": _choice(TRANSACTIONS),
+    "namespace": _optional_str,
+    "version_table": _identifier,
+    "version_table_schema": _optional_str,
+    "on_ahead": _choice(ON_AHEAD),
+    "lock_ttl": _as_seconds,
+}
+
+KEYS = tuple(sorted(_PARSERS))
+
+# Environment variables with this prefix that are not settings keys but are still ours.
+_ENV_ALIASES = {"ALEMBIC_AUTOLOCK_ENV": "environment"}
+
+
+def _unknown(key: str, source: str) -> ConfigError:
+    return ConfigError(
+        f"unknown setting {key!r} (from {source}); known settings: {', '.join(KEYS)}",
+        key=key,
+        source=source,
+    )
+
+
+def resolve_settings(
+    overrides: Mapping[str, Any],
+    cfg: Config | None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the Settings from keyword arguments, the environment, the config files, defaults."""
+    env = os.environ if environ is None else environ
+    # Each layer: the values it sets, and for each key where that value came from.
+    layers: list[tuple[Mapping[str, Any], Mapping[str, str]]] = []
+
+    kw = {}
+    for key, value in overrides.items():
+        if key not in _PARSERS:
+            raise _unknown(key, "keyword argument")
+        if value is not None:
+            kw[key] = value
+    layers.append((kw, dict.fromkeys(kw, "keyword argument")))
+
+    from_env: dict[str, Any] = {}
+    env_sources: dict[str, str] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = _ENV_ALIASES.get(name) or name[len(ENV_PREFIX) :].lower()
+        if key not in _PARSERS:
+            raise _unknown(key, f"environment variable {name}")
+        if key in from_env and name in _ENV_ALIASES:
+            continue  # ALEMBIC_AUTOLOCK_ENVIRONMENT wins over the short alias
+        from_env[key] = value
+        env_sources[key] = f"environment variable {name}"
+    if "environment" not in from_env and env.get("APP_ENV"):
+        from_env["environment"] = env["APP_ENV"]
+        env_sources["environment"] = "environment variable APP_ENV"
+    layers.append((from_env, env_sources))
+
+    if cfg is not None:
+        ini, ini_label, toml, toml_label = config_sections(cfg)
+        for values, label in ((ini, ini_label), (toml, toml_label)):
+            if label is None:
+                continue
+            for key in values:
+                if key not in _PARSERS:
+                    raise _unknown(key, label)
+            layers.append((values, dict.fromkeys(values, label)))
+
+    resolved: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for key, parse in _PARSERS.items():
+        for layer_values, where in layers:
+            if key in layer_values:
+                resolved[key] = parse(key, layer_values[key], where[key])
+                sources[key] = where[key]
+                break
+
+    environment = resolved.get("environment", Settings.environment)
+    production = resolved.get("production_environments", Settings.production_environments)
+    if "allow_downgrade" not in resolved:
+        resolved["allow_downgrade"] = environment.lower() not in production
+        sources["allow_downgrade"] = f"default for environment {environment!r}"
+    return Settings(**resolved, sources=sources)

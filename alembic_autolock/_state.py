@@ -1,0 +1,56 @@
+"""The global state department: every piece of process-wide mutable state lives here.
+
+* ``plans``: prepared runs, keyed by the arguments of ensure_migrated, so that a call at head
+  costs a dict lookup and a clock read.
+* ``heads``: the "database is at these heads" answers, keyed by database identity, script
+  location and version table, each with the monotonic time it stops being trusted.
+* ``process_locks``: one lock per namespace, so that two threads of one process never run
+  Alembic against the same database at once.
+
+``reset()`` empties all of it; tests call it before each test. After ``fork()`` the child starts
+with empty state (a lock held by a parent thread must not be inherited as held).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+plans: dict[Any, Any] = {}
+heads: dict[Any, tuple[float, frozenset[str]]] = {}
+process_locks: dict[str, threading.Lock] = {}
+process_lock_owners: dict[str, tuple[int | None, str]] = {}
+lock_engines: dict[str, Any] = {}
+registry_lock = threading.Lock()
+
+
+def reset() -> None:
+    """Forget every cached answer and prepared run (process-local locks held stay held)."""
+    plans.clear()
+    heads.clear()
+
+
+def _after_fork() -> None:
+    global registry_lock
+    plans.clear()
+    heads.clear()
+    process_locks.clear()
+    process_lock_owners.clear()
+    lock_engines.clear()
+    registry_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def process_lock(namespace: str) -> threading.Lock:
+    with registry_lock:
+        lock = process_locks.get(namespace)
+        if lock is None:
+            lock = process_locks[namespace] = threading.Lock()
+        return lock
+
+
+def forget_heads(key: Any) -> None:
+    heads.pop(key, None)

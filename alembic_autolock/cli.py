@@ -1,0 +1,250 @@
+"""The ``alembic-autolock`` command: one library function per subcommand.
+
+Human output goes to stdout, ``--json`` output is the only thing on stdout when asked for,
+events go to the ``alembic_autolock`` logger, and every AutolockError becomes one line
+``FAILED: ...`` on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from alembic.config import Config
+from sqlalchemy import create_engine
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import NullPool
+
+from . import _runner
+from ._config import load_config
+from ._events import mask_url
+from .exceptions import AutolockError, ConfigError
+
+EXIT_OK, EXIT_PENDING, EXIT_ERROR = 0, 1, 2
+
+
+def _config(args: argparse.Namespace) -> Config:
+    import os
+
+    cfg = load_config(args.config, environ=os.environ)
+    cfg.cmd_opts = argparse.Namespace(x=args.x or [])
+    return cfg
+
+
+def _x_url(args: argparse.Namespace) -> str | None:
+    for item in args.x or []:
+        key, sep, value = item.partition("=")
+        if sep and key.strip() == "url":
+            return str(value).strip()
+    return None
+
+
+def _engine(args: argparse.Namespace, cfg: Config) -> Engine:
+    url = args.url or _x_url(args) or cfg.get_main_option("sqlalchemy.url")
+    if not url:
+        raise ConfigError(
+            f"no database URL: pass --url, or set sqlalchemy.url in {cfg.config_file_name}"
+        )
+    try:
+        return create_engine(url, poolclass=NullPool)
+    except (ArgumentError, ImportError) as exc:
+        raise ConfigError(f"cannot use the database URL {mask_url(url)}: {exc}") from exc
+
+
+def _with_engine(args: argparse.Namespace, fn: Callable[[Engine, Config], int]) -> int:
+    cfg = _config(args)
+    engine = _engine(args, cfg)
+    try:
+        return fn(engine, cfg)
+    finally:
+        engine.dispose()
+
+
+def _report(result: _runner.MigrationResult) -> None:
+    heads = ", ".join(result.heads) or "no revision"
+    if result.applied:
+        verb = "applied" if result.action == "upgraded" else "undid"
+        print(
+            f"{result.action}: {verb} {', '.join(result.applied)}; database now at {heads} "
+            f"(waited {result.waited_s:.2f}s for the lock, {result.elapsed_s:.2f}s in all)"
+        )
+    elif result.action == "ahead":
+        print(f"ahead: the database is at {heads}, which these scripts do not know; untouched")
+    else:
+        print(f"{result.action}: database at {heads}, nothing to do")
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Upgrade the database to a revision (default: head), under the migration lock."""
+
+    def run(engine: Engine, cfg: Config) -> int:
+        _report(_runner.upgrade(engine, args.revision, config=cfg))
+        return EXIT_OK
+
+    return _with_engine(args, run)
+
+
+def cmd_downgrade(args: argparse.Namespace) -> int:
+    """Downgrade the database to a revision, under the lock, if allow_downgrade permits."""
+
+    def run(engine: Engine, cfg: Config) -> int:
+        _report(_runner.downgrade(engine, args.revision, config=cfg))
+        return EXIT_OK
+
+    return _with_engine(args, run)
+
+
+def _print_status(st: _runner.Status) -> None:
+    current = ", ".join(st.current_heads) or "none (empty database)"
+    print(f"database:    {st.database}")
+    print(f"current:     {current}{' (head)' if st.at_head else ''}")
+    print(f"script head: {', '.join(st.script_heads) or 'none'}")
+    if st.unknown_heads:
+        unknown = ", ".join(st.unknown_heads)
+        print(f"AHEAD:       the database is at {unknown}, unknown to these scripts")
+    if st.pending:
+        print(f"pending:     {len(st.pending)}")
+        for p in st.pending:
+            print(f"  {p.revision}  {p.message or ''}".rstrip())
+    else:
+        print("pending:     none")
+    print(f"lock:        {st.lock_backend} {st.namespace!r}")
+    if st.holders_error:
+        print(f"  holders unknown: {st.holders_error}")
+    elif not st.holders:
+        print("  free")
+    for h in st.holders:
+        print(f"  {'waiting' if h.waiting else 'held by'}: {h.describe()}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show the current and script heads, the pending revisions and the lock holders."""
+
+    def run(engine: Engine, cfg: Config) -> int:
+        st = _runner.status(engine, config=cfg)
+        if args.json:
+            print(json.dumps(st.as_dict(), indent=2))
+        else:
+            _print_status(st)
+        return EXIT_OK
+
+    return _with_engine(args, run)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 0 if the database is at head, 1 if revisions are pending, 2 on error."""
+
+    def run(engine: Engine, cfg: Config) -> int:
+        st = _runner.status(engine, config=cfg)
+        if st.at_head:
+            print(f"at head: {', '.join(st.current_heads)}")
+            return EXIT_OK
+        if st.unknown_heads:
+            print(
+                f"ahead: the database is at {', '.join(st.unknown_heads)}, which these scripts "
+                "do not know",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
+        print(f"{len(st.pending)} pending: {', '.join(p.revision for p in st.pending)}")
+        return EXIT_PENDING
+
+    return _with_engine(args, run)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """Wait until the database is at head (another process migrates it), up to --timeout."""
+
+    def run(engine: Engine, cfg: Config) -> int:
+        deadline = time.monotonic() + args.timeout
+        while True:
+            st = _runner.status(engine, config=cfg)
+            if st.at_head:
+                print(f"at head: {', '.join(st.current_heads)}")
+                return EXIT_OK
+            if time.monotonic() >= deadline:
+                pending = ", ".join(p.revision for p in st.pending) or "unknown revisions"
+                print(
+                    f"FAILED: still not at head after {args.timeout:g}s (pending: {pending})",
+                    file=sys.stderr,
+                )
+                return EXIT_PENDING
+            time.sleep(min(args.interval, max(0.0, deadline - time.monotonic())))
+
+    return _with_engine(args, run)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create a new migration environment whose env.py uses alembic_autolock."""
+    from alembic import command
+
+    template = Path(__file__).parent / "templates" / "autolock"
+    config_path = args.config or "alembic.ini"
+    cfg = Config(config_path)
+    try:
+        command.init(cfg, args.directory, template=str(template))
+    except Exception as exc:
+        raise ConfigError(f"cannot create {args.directory}: {exc}") from exc
+    print(
+        f"Created {args.directory} (env.py calls alembic_autolock.env.run_migrations). "
+        f"Set sqlalchemy.url in {config_path}, then `alembic revision -m ...`."
+    )
+    return EXIT_OK
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alembic-autolock",
+        description="Alembic migrations under a distributed lock.",
+    )
+    parser.add_argument(
+        "-c", "--config", help="alembic.ini or pyproject.toml (default: as alembic finds it)"
+    )
+    parser.add_argument("--url", help="database URL (default: sqlalchemy.url of the config)")
+    parser.add_argument(
+        "-x", action="append", metavar="KEY=VALUE", help="passed to env.py, as with alembic -x"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        doc = (fn.__doc__ or "").strip()
+        p = sub.add_parser(name, help=doc, description=doc)
+        p.set_defaults(func=fn)
+        return p
+
+    add("upgrade", cmd_upgrade).add_argument("revision", nargs="?", default="head")
+    add("downgrade", cmd_downgrade).add_argument("revision")
+    add("status", cmd_status).add_argument("--json", action="store_true", help="JSON on stdout")
+    add("check", cmd_check)
+    p_wait = add("wait", cmd_wait)
+    p_wait.add_argument("--timeout", type=_positive_float, default=300.0)
+    p_wait.add_argument("--interval", type=_positive_float, default=1.0)
+    add("init", cmd_init).add_argument("directory")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except AutolockError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

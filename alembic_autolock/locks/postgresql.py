@@ -1,0 +1,178 @@
+"""PostgreSQL: a session advisory lock on a dedicated connection.
+
+The lock connection is checked out of the application's engine and immediately detached from
+its pool (so it never returns to the pool still holding the lock, and it does not count against
+the pool size), switched to AUTOCOMMIT (so it sits ``idle``, not ``idle in transaction``), and
+tagged through ``application_name`` so that ``pg_stat_activity`` names the holder. It is closed
+after release. The lock is taken by polling ``pg_try_advisory_lock`` with jittered backoff: a
+waiter never blocks inside the server, so a timeout is exact and a dead waiter leaves nothing
+behind. When the holder dies, PostgreSQL ends its session and the lock is free at once.
+
+With ``lock_url`` the lock connection goes to that URL instead (for PgBouncer in transaction
+pooling mode: point lock_url at PostgreSQL directly or at a session-mode pool).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from datetime import UTC
+from typing import Any
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
+
+from .. import _state
+from . import Backoff, Holder, owner_tag, parse_owner_tag
+
+
+def advisory_key(namespace: str) -> int:
+    """A stable signed 64-bit key for ``namespace`` (the same in every process and version)."""
+    digest = hashlib.blake2b(namespace.encode(), digest_size=8).digest()
+    return int(struct.unpack(">q", digest)[0])
+
+
+_HOLDERS_SQL = text(
+    """
+    SELECT l.pid, l.granted, a.application_name, host(a.client_addr) AS client,
+           a.backend_start, a.state
+    FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE l.locktype = 'advisory'
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.objsubid = 1
+      AND ((l.classid::bigint << 32) | l.objid::bigint) = :key
+      AND l.pid <> pg_backend_pid()
+    ORDER BY l.granted DESC, a.backend_start
+    """
+)
+
+_STILL_HELD_SQL = text(
+    """
+    SELECT count(*) FROM pg_locks
+    WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted AND objsubid = 1
+      AND ((classid::bigint << 32) | objid::bigint) = :key
+    """
+)
+
+_SET_NAME_SQL = text("SELECT set_config('application_name', :name, false)")
+
+
+def lock_engine_for(engine: Engine, lock_url: str | None) -> Engine | None:
+    """A dedicated NullPool engine for ``lock_url`` (one per URL per process), else None."""
+    if lock_url is None:
+        return None
+    with _state.registry_lock:
+        lock_engine = _state.lock_engines.get(lock_url)
+        if lock_engine is None:
+            lock_engine = create_engine(lock_url, poolclass=NullPool)
+            _state.lock_engines[lock_url] = lock_engine
+        return lock_engine
+
+
+def open_side_connection(engine: Engine, lock_engine: Engine | None, tag: str) -> Connection:
+    """A connection outside the pool, in AUTOCOMMIT, named ``tag`` in pg_stat_activity."""
+    conn = (lock_engine or engine).connect()
+    try:
+        conn.execution_options(isolation_level="AUTOCOMMIT")
+        if lock_engine is None:
+            conn.detach()  # out of the application's pool: closed, never reused, after release
+        conn.execute(_SET_NAME_SQL, {"name": tag})
+    except BaseException:
+        conn.invalidate()
+        conn.close()
+        raise
+    return conn
+
+
+class PostgresLock:
+    name = "postgresql"
+
+    def __init__(self, engine: Engine, namespace: str, *, lock_url: str | None = None) -> None:
+        self.engine = engine
+        self.namespace = namespace
+        self.key = advisory_key(namespace)
+        self.key_hint = f"{self.key & 0xFFFFFFFF:08x}"
+        self._lock_engine = lock_engine_for(engine, lock_url)
+        self._conn: Connection | None = None
+        self._held = False
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            self._conn = open_side_connection(
+                self.engine, self._lock_engine, owner_tag("wait", self.key_hint)
+            )
+        return self._conn
+
+    def acquire(self, timeout: float) -> bool:
+        conn = self._connection()
+        backoff = Backoff(timeout)
+        while True:
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key})
+            if got.scalar():
+                self._held = True
+                conn.execute(_SET_NAME_SQL, {"name": owner_tag("lock", self.key_hint)})
+                return True
+            if not backoff.sleep():
+                return False
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if self._held:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+        except DBAPIError:
+            pass  # the session is gone, and its lock with it
+        finally:
+            self._held = False
+            conn.invalidate()  # never reused: a session lock must not outlive this run
+            conn.close()
+
+    def lost(self) -> str | None:
+        if self._conn is None or not self._held:
+            return "the lock was never acquired or already released"
+        try:
+            count = self._conn.execute(_STILL_HELD_SQL, {"key": self.key}).scalar()
+        except DBAPIError as exc:
+            return f"the lock connection failed: {str(exc.orig).strip().splitlines()[0]}"
+        if not count:
+            return "the advisory lock is no longer held by the lock session"
+        return None
+
+    def holders(self) -> list[Holder]:
+        if self._conn is not None:
+            return self._holders(self._conn)
+        conn = open_side_connection(
+            self.engine, self._lock_engine, owner_tag("look", self.key_hint)
+        )
+        try:
+            return self._holders(conn)
+        finally:
+            conn.invalidate()
+            conn.close()
+
+    def _holders(self, conn: Connection) -> list[Holder]:
+        rows = conn.execute(_HOLDERS_SQL, {"key": self.key}).mappings().all()
+        return [_holder(row) for row in rows]
+
+    def session_pid(self) -> int | None:
+        if self._conn is None:
+            return None
+        return int(self._conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def _holder(row: Any) -> Holder:
+    since = parse_owner_tag(row["application_name"])
+    if since is None and row["backend_start"] is not None:
+        since = row["backend_start"].astimezone(UTC)
+    return Holder(
+        backend="postgresql",
+        waiting=not row["granted"],
+        session=f"pid {row['pid']}",
+        owner=row["application_name"] or None,
+        client=row["client"] or "local socket",
+        since=since,
+    )

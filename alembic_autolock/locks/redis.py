@@ -1,0 +1,208 @@
+"""Redis: python-redis-lock 4.0.x, with each of its known pitfalls handled around it.
+
+Keys (one namespace = one lock)::
+
+    lock:alembic_autolock:{<hash>}          the lock; value = owner id; expires after lock_ttl
+    lock-signal:alembic_autolock:{<hash>}   python-redis-lock's wake-up list
+
+``<hash>`` is 16 hex digits of a hash of the namespace; the braces make it a Redis Cluster hash
+tag, so both keys live in one slot. The ``lock:``/``lock-signal:`` prefixes are imposed by
+python-redis-lock. The owner id is ``<host>:<pid>:<program>:<random>``.
+
+Pitfalls and what is done about them:
+
+* redis-py 8's default 5 s socket timeout breaks BLPOP waits longer than 5 s, and
+  python-redis-lock int()-truncates timeouts (``timeout=0.5`` waits forever). This backend never
+  blocks in Redis: it polls ``acquire(blocking=False)`` with jittered backoff up to the
+  caller's deadline, so any timeout, sub-second ones included, is exact, and the client's
+  socket timeout only bounds one round trip. Its "Failed to acquire" warning is filtered out
+  for our own keys only.
+* Expiry while held: the lock is created with ``expire=lock_ttl`` and renewed by a daemon
+  thread every ``lock_ttl / 3`` s (the library's default, 2/3, survives no missed renewal).
+* The renewal thread dies silently on an error: our renewer records the error instead, and
+  ``lost()`` (checked before every revision) reports it, as it reports a key that no longer
+  holds our owner id. Redis unreachable at that point also counts as lost: fail closed.
+* ``reset_all()`` deletes every application's locks: never called; ``unlock`` deletes only
+  this namespace's key.
+* ``strict=`` is not passed (python-redis-lock 4.1 removes it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import socket
+import sys
+import threading
+import weakref
+from typing import Any
+
+from .._events import mask_url
+from ..exceptions import LockUnavailable
+from . import Backoff, Holder
+
+try:
+    import redis
+    import redis_lock
+except ImportError as exc:  # pragma: no cover - depends on the extras installed
+    raise ImportError(
+        "the redis lock backend needs the redis extra: pip install 'alembic-autolock[redis]'"
+    ) from exc
+
+
+def key_name(namespace: str) -> str:
+    """The python-redis-lock name for ``namespace`` (the Redis key is ``lock:`` + this)."""
+    digest = hashlib.blake2b(namespace.encode(), digest_size=8).hexdigest()
+    return f"alembic_autolock:{{{digest}}}"
+
+
+class _QuietOwnFailures(logging.Filter):
+    """Drop python-redis-lock's per-attempt "Failed to acquire" warning for our keys only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (
+            record.msg.startswith("Failed to acquire")
+            and args
+            and str(args[0]).startswith("lock:alembic_autolock:")
+        )
+
+
+_quiet_installed = False
+
+
+def _install_quiet_filter() -> None:
+    global _quiet_installed
+    if not _quiet_installed:
+        logging.getLogger("redis_lock.acquire").addFilter(_QuietOwnFailures())
+        _quiet_installed = True
+
+
+class _RenewingLock(redis_lock.Lock):  # type: ignore[misc]
+    """python-redis-lock's Lock whose renewal thread records its failure instead of dying
+    silently."""
+
+    renewal_error: BaseException | None = None
+
+    @staticmethod
+    def _lock_renewer(
+        name: str,
+        lockref: weakref.ReferenceType[_RenewingLock],
+        interval: float,
+        stop: threading.Event,
+    ) -> None:
+        while not stop.wait(timeout=interval):
+            lock = lockref()
+            if lock is None:
+                break
+            try:
+                lock.extend(expire=lock._expire)
+            except Exception as exc:  # recorded, and reported by lost() before the next step
+                lock.renewal_error = exc
+                break
+            finally:
+                del lock
+
+
+def owner_id() -> str:
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return f"{socket.gethostname()}:{os.getpid()}:{program}:{os.urandom(4).hex()}"
+
+
+def make_client(url: str) -> Any:
+    """A client whose socket timeout bounds one round trip (we never block in Redis)."""
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+
+class RedisLock:
+    name = "redis"
+
+    def __init__(self, url: str, namespace: str, *, ttl: float) -> None:
+        self.url = url
+        self.namespace = namespace
+        self.key = key_name(namespace)
+        self.ttl = max(2, math.ceil(ttl))
+        self._client = make_client(url)
+        self._lock: _RenewingLock | None = None
+
+    def _new_lock(self) -> _RenewingLock:
+        _install_quiet_filter()
+        try:
+            lock = _RenewingLock(
+                self._client, self.key, expire=self.ttl, id=owner_id(), auto_renewal=True
+            )
+        except redis.RedisError as exc:  # registering its scripts talks to Redis
+            raise self.unavailable(exc) from exc
+        lock._lock_renewal_interval = self.ttl / 3
+        return lock
+
+    def acquire(self, timeout: float) -> bool:
+        if self._lock is None:
+            self._lock = self._new_lock()
+        backoff = Backoff(timeout)
+        while True:
+            try:
+                got = self._lock.acquire(blocking=False)
+            except redis.RedisError as exc:
+                raise self.unavailable(exc) from exc
+            if got:
+                return True
+            if not backoff.sleep():
+                return False
+
+    def unavailable(self, exc: BaseException) -> LockUnavailable:
+        masked = mask_url(self.url)
+        return LockUnavailable(
+            f"cannot reach the Redis lock server at {masked} ({type(exc).__name__}: {exc}); "
+            "nothing was applied without the lock. Check that Redis is running and that the "
+            "lock URL is right.",
+            backend="redis",
+            url=masked,
+        )
+
+    def release(self) -> None:
+        lock, self._lock = self._lock, None
+        try:
+            if lock is not None and lock._lock_renewal_thread is not None:
+                lock.release()  # stops the renewer, then deletes the key if it is still ours
+        except (redis_lock.NotAcquired, redis.RedisError):
+            pass  # expired, taken or unreachable: lost() has already said so before each step
+        finally:
+            self._client.close()
+
+    def lost(self) -> str | None:
+        lock = self._lock
+        if lock is None or lock._lock_renewal_thread is None:
+            return "the lock was never acquired or already released"
+        if lock.renewal_error is not None:
+            err = lock.renewal_error
+            return f"renewing the lock failed ({type(err).__name__}: {err})"
+        try:
+            current = lock.get_owner_id()
+        except redis.RedisError as exc:
+            return f"Redis is unreachable ({type(exc).__name__}: {exc})"
+        if current != lock.id:
+            who = f"now held by {current}" if current else "it expired"
+            return f"the lock key no longer holds our owner id ({who})"
+        return None
+
+    def holders(self) -> list[Holder]:
+        name = "lock:" + self.key
+        try:
+            owner = self._client.get(name)
+            ttl_ms = self._client.pttl(name) if owner is not None else None
+        except redis.RedisError as exc:
+            raise self.unavailable(exc) from exc
+        if owner is None:
+            return []
+        text = owner.decode("utf-8", "replace") if isinstance(owner, bytes) else str(owner)
+        return [
+            Holder(
+                backend="redis",
+                session=f"owner {text}",
+                owner=text,
+                ttl_s=ttl_ms / 1000 if ttl_ms and ttl_ms > 0 else None,
+            )
+        ]
