@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from .. import _state
+from ..exceptions import ConfigError
 from . import Backoff, Holder, owner_tag, parse_owner_tag
 
 
@@ -48,12 +49,35 @@ _HOLDERS_SQL = text(
     """
 )
 
+# OFFSET 0 fences the subquery: "already" is read before pg_try_advisory_lock runs. A fresh
+# session can only already hold the lock if it is shared with another client, which is what a
+# transaction-pooling proxy (PgBouncer) does.
+_TRY_SQL = text(
+    """
+    SELECT s.already, pg_try_advisory_lock(:key) AS got, s.pid
+    FROM (SELECT EXISTS (SELECT 1 FROM pg_locks
+                         WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+                           AND objsubid = 1
+                           AND ((classid::bigint << 32) | objid::bigint) = :key) AS already,
+                 pg_backend_pid() AS pid
+          OFFSET 0) s
+    """
+)
+
 _STILL_HELD_SQL = text(
     """
-    SELECT count(*) FROM pg_locks
-    WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted AND objsubid = 1
-      AND ((classid::bigint << 32) | objid::bigint) = :key
+    SELECT EXISTS (SELECT 1 FROM pg_locks
+                   WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
+                     AND objsubid = 1
+                     AND ((classid::bigint << 32) | objid::bigint) = :key) AS held,
+           pg_backend_pid() AS pid
     """
+)
+
+POOLER_HINT = (
+    "Session advisory locks do not work through PgBouncer (or any pooler) in transaction "
+    "pooling mode. Set lock_url to a URL that reaches PostgreSQL directly or through a "
+    "session-mode pool, or use lock = redis://..."
 )
 
 _SET_NAME_SQL = text("SELECT set_config('application_name', :name, false)")
@@ -97,6 +121,7 @@ class PostgresLock:
         self._lock_engine = lock_engine_for(engine, lock_url)
         self._conn: Connection | None = None
         self._held = False
+        self._pid: int | None = None
 
     def _connection(self) -> Connection:
         if self._conn is None:
@@ -109,9 +134,18 @@ class PostgresLock:
         conn = self._connection()
         backoff = Backoff(timeout)
         while True:
-            got = conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": self.key})
-            if got.scalar():
+            row = conn.execute(_TRY_SQL, {"key": self.key}).one()
+            if row.got and row.already:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+                raise ConfigError(
+                    "the PostgreSQL lock connection shares its server session (pid "
+                    f"{row.pid}) with another client that already holds the migration lock. "
+                    + POOLER_HINT,
+                    key="lock_url",
+                )
+            if row.got:
                 self._held = True
+                self._pid = int(row.pid)
                 conn.execute(_SET_NAME_SQL, {"name": owner_tag("lock", self.key_hint)})
                 return True
             if not backoff.sleep():
@@ -128,6 +162,7 @@ class PostgresLock:
             pass  # the session is gone, and its lock with it
         finally:
             self._held = False
+            self._pid = None
             conn.invalidate()  # never reused: a session lock must not outlive this run
             conn.close()
 
@@ -135,10 +170,15 @@ class PostgresLock:
         if self._conn is None or not self._held:
             return "the lock was never acquired or already released"
         try:
-            count = self._conn.execute(_STILL_HELD_SQL, {"key": self.key}).scalar()
+            row = self._conn.execute(_STILL_HELD_SQL, {"key": self.key}).one()
         except DBAPIError as exc:
             return f"the lock connection failed: {str(exc.orig).strip().splitlines()[0]}"
-        if not count:
+        if row.pid != self._pid:
+            return (
+                f"the lock connection now talks to server session {row.pid}, not {self._pid} "
+                "that took the lock. " + POOLER_HINT
+            )
+        if not row.held:
             return "the advisory lock is no longer held by the lock session"
         return None
 
@@ -157,11 +197,6 @@ class PostgresLock:
     def _holders(self, conn: Connection) -> list[Holder]:
         rows = conn.execute(_HOLDERS_SQL, {"key": self.key}).mappings().all()
         return [_holder(row) for row in rows]
-
-    def session_pid(self) -> int | None:
-        if self._conn is None:
-            return None
-        return int(self._conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
 
 
 def _holder(row: Any) -> Holder:

@@ -1,0 +1,45 @@
+"""What the test revisions do besides DDL, steered by environment variables of the process.
+
+AUTOLOCK_TEST_TRACE    file to which every revision body appends "<rev> <direction> <pid>"
+                       when it starts (outside any transaction: a body that ran and was rolled
+                       back still leaves its line, so the file proves how often bodies ran)
+AUTOLOCK_TEST_SLEEP    seconds each revision body sleeps (widens race windows)
+AUTOLOCK_TEST_FAIL_AT  revision that raises after its first DDL statement
+AUTOLOCK_TEST_HANG_AT  revision that writes "hang" to the trace and sleeps for a minute
+AUTOLOCK_TEST_PG_SLEEP_AT  revision that runs SELECT pg_sleep(60) / SELECT SLEEP(60) in the server
+"""
+
+import os
+import time
+
+from alembic import op
+
+
+def trace(rev: str, direction: str, what: str = "") -> None:
+    path = os.environ.get("AUTOLOCK_TEST_TRACE")
+    if path:
+        line = f"{rev} {direction} {os.getpid()}{(' ' + what) if what else ''}\n"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())
+        finally:
+            os.close(fd)
+
+
+def body(rev: str, direction: str = "up") -> None:
+    trace(rev, direction)
+    delay = float(os.environ.get("AUTOLOCK_TEST_SLEEP", "0") or 0)
+    if delay:
+        time.sleep(delay)
+    if os.environ.get("AUTOLOCK_TEST_HANG_AT") == rev and direction == "up":
+        trace(rev, direction, "hang")
+        time.sleep(60)
+    if os.environ.get("AUTOLOCK_TEST_PG_SLEEP_AT") == rev and direction == "up":
+        trace(rev, direction, "server-sleep")
+        dialect = op.get_context().dialect.name
+        op.execute("SELECT pg_sleep(60)" if dialect == "postgresql" else "SELECT SLEEP(60)")
+
+
+def maybe_fail(rev: str) -> None:
+    if os.environ.get("AUTOLOCK_TEST_FAIL_AT") == rev:
+        raise RuntimeError(f"revision {rev} failed on purpose")

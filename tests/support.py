@@ -1,0 +1,102 @@
+"""Helpers for the tests: reading heads, and real worker processes released at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine
+
+REPO = Path(__file__).resolve().parents[1]
+MIGRATIONS = REPO / "tests" / "migrations"
+WORKER = REPO / "tests" / "worker.py"
+ALL_REVS = ["r1", "r2", "r3", "r4", "r5"]
+
+
+def heads_of(
+    url: str, version_table: str = "alembic_version", schema: str | None = None
+) -> set[str]:
+    from alembic.runtime.migration import MigrationContext
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(
+                conn, opts={"version_table": version_table, "version_table_schema": schema}
+            )
+            return set(ctx.get_current_heads())
+    finally:
+        engine.dispose()
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    data: dict[str, Any]
+    stderr: str
+
+
+def start_worker(
+    config: str, url: str, *args: str, barrier: bool = False, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    cmd = [sys.executable, str(WORKER), config, url, *args]
+    if barrier:
+        cmd.append("--barrier")
+    return subprocess.Popen(
+        cmd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or worker_env(),
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 120) -> Outcome:
+    out, err = proc.communicate(timeout=timeout)
+    last = [line for line in out.splitlines() if line.startswith("{")]
+    data = json.loads(last[-1]) if last else {}
+    return Outcome(proc.returncode, data, err)
+
+
+def stampede(
+    n: int, config: str, url: str, *args: str, env: dict[str, str] | None = None
+) -> list[Outcome]:
+    """Start n workers, wait until each is ready, release them at once, collect outcomes."""
+    procs = [start_worker(config, url, *args, barrier=True, env=env) for _ in range(n)]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.strip() == "ready", (line, proc.stderr.read() if proc.stderr else "")
+        for proc in procs:  # the release: one line each, as fast as a loop writes
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        return [finish(proc) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
