@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import structlog
 from pytest_postgresql import factories
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Engine
@@ -126,6 +127,7 @@ def _fresh_state() -> Iterator[None]:
     _state.reset()
     yield
     _state.reset()
+    structlog.reset_defaults()  # capture_logs() leaves structlog "configured"
 
 
 # --- databases -----------------------------------------------------------------------------
