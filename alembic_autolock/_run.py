@@ -24,6 +24,7 @@ from alembic.util import CommandError
 from sqlalchemy.engine import Connection, Engine
 
 from . import _events as events
+from . import _sessions as sessions
 from ._plan import ancestors, clone_config, keep_loggers_enabled, read_heads
 from ._settings import Settings
 from .exceptions import AutolockError, ConfigError, GateClosed, MigrationFailed
@@ -197,6 +198,7 @@ def run_alembic(
     destination: str,
     upgrade: bool,
     masked_url: str,
+    namespace: str,
 ) -> Tracker:
     """Run env.py for an upgrade or downgrade to ``destination`` on a fresh connection.
 
@@ -216,8 +218,12 @@ def run_alembic(
     from ._plan import connect
 
     with connect(engine, masked_url) as conn:
-        # Nothing may run on this connection before Alembic configures it: a statement would
-        # autobegin a transaction that Alembic then treats as the caller's and never commits.
+        # Nothing may stay open on this connection when Alembic configures it: a statement
+        # would autobegin a transaction that Alembic then treats as the caller's and never
+        # commits. The session tag is committed; the session is closed, not pooled, after.
+        tagged = sessions.tags_sessions(engine)
+        if tagged:
+            sessions.tag(conn, namespace)
         tracker.connection = conn
         run_cfg.attributes["connection"] = conn
         run_cfg.attributes[RUN_KEY] = RunContext(settings, tracker, conn)
@@ -238,6 +244,10 @@ def run_alembic(
         except Exception as exc:
             _rollback_quietly(conn)  # end the failed transaction before reading the state
             raise failure(exc, tracker, engine, settings, script, masked_url) from exc
+        finally:
+            if tagged:
+                sessions.untag(conn, namespace)
+                conn.invalidate()  # a tagged session never goes back to the pool
     return tracker
 
 

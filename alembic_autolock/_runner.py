@@ -21,6 +21,7 @@ from . import _state
 from ._config import ConfigLike
 from ._plan import Plan, pending_steps, prepare, read_heads, unknown_heads
 from ._run import gate_downgrade, run_alembic
+from ._sessions import reap_orphans
 from .exceptions import ConfigError, DatabaseAhead, MigrationFailed, PendingMigrations
 from .locks import Holder, MigrationLock, make_backend
 
@@ -201,6 +202,8 @@ def _migrate(
         if unknown and upgrade:
             return _handle_ahead(plan, heads, unknown, started, waited)
         _state.forget_heads(plan.cache_key)
+        # A dead holder's migration session may still be running its last statement.
+        reap_orphans(engine, plan.namespace, s.orphan_wait)
         tracker = run_alembic(
             engine,
             cfg=plan.cfg,
@@ -210,6 +213,7 @@ def _migrate(
             destination=destination,
             upgrade=upgrade,
             masked_url=plan.masked_url,
+            namespace=plan.namespace,
         )
         after = read_heads(engine, s, plan.masked_url)
     finally:
@@ -326,3 +330,37 @@ def status(engine: Engine, *, config: ConfigLike = None, **settings: Any) -> Sta
         mode=s.mode,
         environment=s.environment,
     )
+
+
+def lock_holders(
+    engine: Engine, *, config: ConfigLike = None, **settings: Any
+) -> tuple[str, str, tuple[Holder, ...]]:
+    """(backend name, namespace, who holds and who waits for the lock)."""
+    plan = _plan_for(engine, config, settings)
+    backend = make_backend(plan.settings, engine, plan.namespace)
+    return backend.name, plan.namespace, tuple(backend.holders())
+
+
+def unlock(
+    engine: Engine,
+    *,
+    owner: str | None = None,
+    force: bool = False,
+    config: ConfigLike = None,
+    **settings: Any,
+) -> tuple[Holder, ...]:
+    """Clear a stuck lock of this namespace: Redis by owner (or ``force``); PostgreSQL and MySQL
+    only with ``force``, by ending the holding session. Returns who was cleared."""
+    plan = _plan_for(engine, config, settings)
+    backend = make_backend(plan.settings, engine, plan.namespace)
+    cleared = tuple(backend.unlock(owner=owner, force=force))
+    for holder in cleared:
+        events.emit(
+            events.LOCK_CLEARED,
+            "warning",
+            backend=backend.name,
+            namespace=plan.namespace,
+            holder=holder.describe(),
+            forced=force,
+        )
+    return cleared

@@ -48,6 +48,7 @@ class Settings:
     version_table_schema: str | None = None
     on_ahead: str = "warn"
     lock_ttl: float = 15.0
+    orphan_wait: float = 10.0
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -168,6 +169,7 @@ _PARSERS: dict[str, Callable[[str, object, str], Any]] = {
     "version_table_schema": _optional_str,
     "on_ahead": _choice(ON_AHEAD),
     "lock_ttl": _as_seconds,
+    "orphan_wait": _as_seconds,
 }
 
 KEYS = tuple(sorted(_PARSERS))

@@ -179,6 +179,54 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return _with_engine(args, run)
 
 
+def cmd_holders(args: argparse.Namespace) -> int:
+    """Show who holds the migration lock and who waits for it."""
+
+    def run(engine: Engine, cfg: Config) -> int:
+        backend, namespace, found = _runner.lock_holders(engine, config=cfg)
+        if args.json:
+            doc = {
+                "backend": backend,
+                "namespace": namespace,
+                "holders": [h.as_dict() for h in found],
+            }
+            print(json.dumps(doc, indent=2))
+            return EXIT_OK
+        print(f"{backend} lock {namespace!r}: {'free' if not found else ''}".rstrip())
+        for h in found:
+            print(f"  {'waiting' if h.waiting else 'held by'}: {h.describe()}")
+        return EXIT_OK
+
+    return _with_engine(args, run)
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    """Clear a stuck lock of this namespace (Redis: by owner; --force: any holder, ending the
+    holding PostgreSQL/MySQL session)."""
+
+    def run(engine: Engine, cfg: Config) -> int:
+        backend, namespace, found = _runner.lock_holders(engine, config=cfg)
+        held = [h for h in found if not h.waiting]
+        if not held:
+            print(f"{backend} lock {namespace!r} is free; nothing to do")
+            return EXIT_OK
+        for h in held:
+            print(f"{backend} lock {namespace!r} held by: {h.describe()}")
+        if args.force and not args.yes:
+            if not sys.stdin.isatty():
+                raise ConfigError("no terminal to confirm on: pass --yes with --force")
+            answer = input("End that holder and clear the lock? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing done")
+                return EXIT_PENDING
+        cleared = _runner.unlock(engine, owner=args.owner, force=args.force, config=cfg)
+        for h in cleared:
+            print(f"cleared: {h.describe()}")
+        return EXIT_OK
+
+    return _with_engine(args, run)
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     """Create a new migration environment whose env.py uses alembic_autolock."""
     from alembic import command
@@ -231,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_wait = add("wait", cmd_wait)
     p_wait.add_argument("--timeout", type=_positive_float, default=300.0)
     p_wait.add_argument("--interval", type=_positive_float, default=1.0)
+    add("holders", cmd_holders).add_argument("--json", action="store_true", help="JSON on stdout")
+    p_unlock = add("unlock", cmd_unlock)
+    p_unlock.add_argument("--owner", help="Redis: delete the key only while it holds this owner")
+    p_unlock.add_argument(
+        "--force", action="store_true", help="clear whoever holds it (ends a database session)"
+    )
+    p_unlock.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     add("init", cmd_init).add_argument("directory")
     return parser
 

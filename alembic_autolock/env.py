@@ -23,6 +23,7 @@ from sqlalchemy import engine_from_config, pool
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from . import _sessions as sessions
 from . import _state
 from ._events import mask_url
 from ._plan import derive_namespace, unavailable
@@ -77,17 +78,22 @@ def run_migrations(target_metadata: Any = None, **configure_kwargs: Any) -> None
         return
 
     mutating = "destination_rev" in env.context_opts and not env.context_opts.get("dont_mutate")
-    with _connection(context, config) as conn:
+    with _connection(context, config) as (conn, owned):
         if not mutating:  # current, check, history, autogenerate: read only, no lock
             context.configure(connection=conn, **options)
             with context.begin_transaction():
                 context.run_migrations()
             return
-        _run_locked(context, env, conn, settings, options)
+        _run_locked(context, env, conn, owned, settings, options)
 
 
 def _run_locked(
-    context: Any, env: Any, conn: Connection, settings: Settings, options: dict[str, Any]
+    context: Any,
+    env: Any,
+    conn: Connection,
+    owned: bool,
+    settings: Settings,
+    options: dict[str, Any],
 ) -> None:
     engine = conn.engine
     namespace = derive_namespace(settings, engine)
@@ -95,6 +101,9 @@ def _run_locked(
     tracker = Tracker(settings=settings, lock=lock)
     lock.acquire()
     try:
+        sessions.reap_orphans(engine, namespace, settings.orphan_wait)
+        if owned:  # our own NullPool connection: tag it as this namespace's migration session
+            sessions.tag(conn, namespace)
         # The lock is on its own connection: ``conn`` has executed nothing yet, so Alembic owns
         # its transactions (per revision by default).
         context.configure(connection=conn, fn=tracker.wrap(env.context_opts["fn"]), **options)
@@ -108,6 +117,8 @@ def _run_locked(
                 conn.rollback()
             raise failure(exc, tracker, engine, settings, env.script, mask_url(engine.url)) from exc
     finally:
+        if owned:
+            sessions.untag(conn, namespace)
         lock.release()
         _state.heads.clear()  # this process's own cached "at head" answers are stale now
 
@@ -163,10 +174,11 @@ def _url(context: Any, config: Any) -> str:
 
 
 @contextmanager
-def _connection(context: Any, config: Any) -> Iterator[Connection]:
+def _connection(context: Any, config: Any) -> Iterator[tuple[Connection, bool]]:
+    """The connection to migrate on, and whether it is ours (made from sqlalchemy.url)."""
     connectable = config.attributes.get("connection")
     if isinstance(connectable, Connection):
-        yield connectable
+        yield connectable, False
         return
     owned: Engine | None = None
     if connectable is None:
@@ -184,7 +196,7 @@ def _connection(context: Any, config: Any) -> Iterator[Connection]:
                 raise unavailable(connectable, exc) from exc
             raise
         with conn:
-            yield conn
+            yield conn, owned is not None
     finally:
         if owned is not None:
             owned.dispose()

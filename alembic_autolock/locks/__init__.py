@@ -39,6 +39,7 @@ class Holder:
     since: datetime | None = None
     ttl_s: float | None = None
     since_is_last_activity: bool = False
+    session_id: int | None = None
 
     def describe(self) -> str:
         parts = [p for p in (self.session, self.owner and repr(self.owner)) if p]
@@ -77,6 +78,15 @@ class LockBackend(Protocol):
 
     def lost(self) -> str | None:
         """None while the lock is still ours; otherwise why it is not."""
+
+    def unlock(self, *, owner: str | None, force: bool) -> list[Holder]:
+        """Clear the lock someone else holds; return who was cleared. ConfigError if refused."""
+
+
+def cannot_unlock(backend: str, holders: list[Holder], why: str) -> ConfigError:
+    held = [h for h in holders if not h.waiting]
+    who = "; ".join(h.describe() for h in held) if held else "nobody"
+    return ConfigError(f"not unlocking the {backend} lock (held by {who}): {why}")
 
 
 def owner_tag(role: str, key_hint: str) -> str:
@@ -134,6 +144,9 @@ class ProcessOnlyLock:
     def lost(self) -> str | None:
         return None
 
+    def unlock(self, *, owner: str | None, force: bool) -> list[Holder]:
+        raise cannot_unlock(self.name, [], "an in-process lock ends with its process")
+
 
 class NoLock:
     """``lock = none``: no distributed lock at all (a warning event says so)."""
@@ -156,6 +169,9 @@ class NoLock:
 
     def lost(self) -> str | None:
         return None
+
+    def unlock(self, *, owner: str | None, force: bool) -> list[Holder]:
+        raise cannot_unlock(self.name, [], "lock = none has no lock to clear")
 
 
 def make_backend(settings: Settings, engine: Engine, namespace: str) -> LockBackend:

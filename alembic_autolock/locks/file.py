@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy.engine import URL
 
-from . import Backoff, Holder
+from . import Backoff, Holder, cannot_unlock
 
 
 def sqlite_path(url: URL) -> str | None:
@@ -102,3 +102,11 @@ class FileLock:
         except (ValueError, KeyError, TypeError):
             return [Holder(backend="file", session=f"a process holding {self.path}")]
         return [Holder(backend="file", session=session, owner=self.path, since=since)]
+
+    def unlock(self, *, owner: str | None, force: bool) -> list[Holder]:
+        raise cannot_unlock(
+            self.name,
+            self.holders(),
+            "a file lock is released by the kernel when the holding process exits; stop that "
+            "process (it is named above) instead",
+        )

@@ -3,7 +3,9 @@
 As for PostgreSQL, the lock connection is taken from the application's engine, detached from
 its pool, and closed after release; the server frees a user-level lock when its session ends,
 so a dead holder never blocks anyone for longer than it takes the server to notice the closed
-socket. ``GET_LOCK(name, 0)`` is polled with jittered backoff, so sub-second timeouts are exact.
+socket. A waiter blocks in the server in slices of at most 0.25 s (``GET_LOCK(name, slice)``;
+fractional timeouts are honoured), so it wakes as soon as the lock is released, a sub-second
+timeout is exact, and while it waits it is visible in PROCESSLIST (state "User lock").
 
 Lock names are limited to 64 characters and are server-wide (not per database), so the name is
 ``autolock:`` and a hash of the namespace (which includes the database name).
@@ -11,7 +13,9 @@ Lock names are limited to 64 characters and are server-wide (not per database), 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,7 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from . import Backoff, Holder
+from . import Holder, cannot_unlock
 from .postgresql import lock_engine_for
 
 
@@ -41,7 +45,15 @@ def _open(engine: Engine, lock_engine: Engine | None) -> Connection:
     return conn
 
 
+_SLICE = 0.25
+
 _HOLDER_SQL = text("SELECT ID, USER, HOST, TIME FROM information_schema.PROCESSLIST WHERE ID = :id")
+
+# Waiters are blocked in GET_LOCK('<name>', ...); the name is hex, so LIKE needs no escaping.
+_WAITERS_SQL = text(
+    "SELECT ID, USER, HOST, TIME FROM information_schema.PROCESSLIST "
+    "WHERE INFO LIKE :pattern AND ID <> CONNECTION_ID() ORDER BY TIME DESC"
+)
 
 
 class MySQLLock:
@@ -60,13 +72,17 @@ class MySQLLock:
         if self._conn is None:
             self._conn = _open(self.engine, self._lock_engine)
             self._conn_id = int(self._conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
-        backoff = Backoff(timeout)
+        deadline = time.monotonic() + timeout
         while True:
-            got = self._conn.execute(text("SELECT GET_LOCK(:name, 0)"), {"name": self.lock_name})
-            if got.scalar() == 1:
+            remaining = max(0.0, deadline - time.monotonic())
+            got = self._conn.execute(
+                text("SELECT GET_LOCK(:name, :wait)"),
+                {"name": self.lock_name, "wait": round(min(remaining, _SLICE), 3)},
+            ).scalar()
+            if got == 1:
                 self._held = True
                 return True
-            if not backoff.sleep():
+            if remaining <= 0 or time.monotonic() >= deadline:
                 return False
 
     def release(self) -> None:
@@ -102,25 +118,63 @@ class MySQLLock:
             owner = conn.execute(
                 text("SELECT IS_USED_LOCK(:name)"), {"name": self.lock_name}
             ).scalar()
-            if owner is None:
-                return []
-            row = conn.execute(_HOLDER_SQL, {"id": owner}).mappings().first()
+            row = None
+            if owner is not None:
+                row = conn.execute(_HOLDER_SQL, {"id": owner}).mappings().first()
+            waiting = (
+                conn.execute(_WAITERS_SQL, {"pattern": f"%GET_LOCK('{self.lock_name}',%"})
+                .mappings()
+                .all()
+            )
         finally:
             if conn is not self._conn:
                 conn.invalidate()
                 conn.close()
-        return [_holder(int(owner), row)]
+        found = [] if owner is None else [_holder(int(owner), row, waiting=False)]
+        return found + [_holder(int(w["ID"]), w, waiting=True) for w in waiting if w["ID"] != owner]
+
+    def unlock(self, *, owner: str | None, force: bool) -> list[Holder]:
+        held = [h for h in self.holders() if not h.waiting]
+        if not held:
+            return []
+        if not force:
+            raise cannot_unlock(
+                self.name,
+                held,
+                "a user-level lock is released when its session ends; pass --force to end "
+                "that session (KILL)",
+            )
+        conn = _open(self.engine, self._lock_engine)
+        try:
+            for holder in held:
+                with contextlib.suppress(DBAPIError):  # it may have ended meanwhile
+                    conn.execute(text("KILL :id"), {"id": holder.session_id})
+            deadline = time.monotonic() + 5
+            while (
+                time.monotonic() < deadline
+                and conn.execute(
+                    text("SELECT IS_USED_LOCK(:name)"), {"name": self.lock_name}
+                ).scalar()
+                is not None
+            ):
+                time.sleep(0.05)
+        finally:
+            conn.invalidate()
+            conn.close()
+        return held
 
 
-def _holder(owner: int, row: Any) -> Holder:
+def _holder(owner: int, row: Any, *, waiting: bool) -> Holder:
     if row is None:
-        return Holder(backend="mysql", session=f"connection {owner}")
+        return Holder(backend="mysql", session=f"connection {owner}", session_id=owner)
     host = str(row["HOST"] or "")
     return Holder(
         backend="mysql",
+        waiting=waiting,
         session=f"connection {owner}",
+        session_id=owner,
         owner=str(row["USER"]),
         client=host or None,
         since=datetime.now(UTC) - timedelta(seconds=int(row["TIME"] or 0)),
-        since_is_last_activity=True,
+        since_is_last_activity=not waiting,
     )

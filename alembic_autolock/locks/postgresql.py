@@ -26,7 +26,7 @@ from sqlalchemy.pool import NullPool
 
 from .. import _state
 from ..exceptions import ConfigError
-from . import Backoff, Holder, owner_tag, parse_owner_tag
+from . import Backoff, Holder, cannot_unlock, owner_tag, parse_owner_tag
 
 
 def advisory_key(namespace: str) -> int:
@@ -78,6 +78,17 @@ POOLER_HINT = (
     "Session advisory locks do not work through PgBouncer (or any pooler) in transaction "
     "pooling mode. Set lock_url to a URL that reaches PostgreSQL directly or through a "
     "session-mode pool, or use lock = redis://..."
+)
+
+_WAITERS_SQL = text(
+    """
+    SELECT pid, false AS granted, application_name, host(client_addr) AS client, backend_start,
+           state
+    FROM pg_stat_activity
+    WHERE datname = current_database() AND pid <> pg_backend_pid()
+      AND application_name LIKE :pattern
+    ORDER BY backend_start
+    """
 )
 
 _SET_NAME_SQL = text("SELECT set_config('application_name', :name, false)")
@@ -196,17 +207,52 @@ class PostgresLock:
 
     def _holders(self, conn: Connection) -> list[Holder]:
         rows = conn.execute(_HOLDERS_SQL, {"key": self.key}).mappings().all()
-        return [_holder(row) for row in rows]
+        held = [_holder(row) for row in rows]
+        # Waiters poll with pg_try_advisory_lock, so pg_locks does not list them; their lock
+        # sessions are named autolock:wait:<key>:... instead.
+        pids = {h.session_id for h in held}
+        waiting = (
+            conn.execute(_WAITERS_SQL, {"pattern": f"autolock:wait:{self.key_hint}:%"})
+            .mappings()
+            .all()
+        )
+        return held + [_holder(row, waiting=True) for row in waiting if row["pid"] not in pids]
+
+    def unlock(self, *, owner: str | None, force: bool) -> list[Holder]:
+        held = [h for h in self.holders() if not h.waiting]
+        if not held:
+            return []
+        if not force:
+            raise cannot_unlock(
+                self.name,
+                held,
+                "an advisory lock is released when its session ends; pass --force to "
+                "terminate that session (pg_terminate_backend)",
+            )
+        conn = open_side_connection(
+            self.engine, self._lock_engine, owner_tag("look", self.key_hint)
+        )
+        try:
+            for holder in held:
+                conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": holder.session_id})
+            backoff = Backoff(5)
+            while self._holders(conn) and backoff.sleep():
+                pass
+        finally:
+            conn.invalidate()
+            conn.close()
+        return held
 
 
-def _holder(row: Any) -> Holder:
+def _holder(row: Any, *, waiting: bool | None = None) -> Holder:
     since = parse_owner_tag(row["application_name"])
     if since is None and row["backend_start"] is not None:
         since = row["backend_start"].astimezone(UTC)
     return Holder(
         backend="postgresql",
-        waiting=not row["granted"],
+        waiting=(not row["granted"]) if waiting is None else waiting,
         session=f"pid {row['pid']}",
+        session_id=int(row["pid"]),
         owner=row["application_name"] or None,
         client=row["client"] or "local socket",
         since=since,

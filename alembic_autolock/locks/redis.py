@@ -41,7 +41,7 @@ from typing import Any
 
 from .._events import mask_url
 from ..exceptions import LockUnavailable
-from . import Backoff, Holder
+from . import Backoff, Holder, cannot_unlock
 
 try:
     import redis
@@ -206,3 +206,26 @@ class RedisLock:
                 ttl_s=ttl_ms / 1000 if ttl_ms and ttl_ms > 0 else None,
             )
         ]
+
+    def unlock(self, *, owner: str | None, force: bool) -> list[Holder]:
+        held = self.holders()
+        if not held:
+            return []
+        current = held[0].owner
+        if force:
+            redis_lock.Lock(self._client, self.key).reset()  # this namespace's key only
+            return held
+        if owner is None:
+            raise cannot_unlock(
+                self.name,
+                held,
+                f"pass --owner {current} to delete it if that owner is gone (the key is "
+                "deleted only while it still holds that owner), or --force",
+            )
+        try:  # compare-and-delete, atomically, by python-redis-lock's release script
+            redis_lock.Lock(self._client, self.key, id=owner).release()
+        except redis_lock.NotAcquired:
+            raise cannot_unlock(
+                self.name, held, f"it is held by {current}, not by {owner}; nothing deleted"
+            ) from None
+        return held

@@ -5,8 +5,10 @@ AUTOLOCK_TEST_TRACE    file to which every revision body appends "<rev> <directi
                        back still leaves its line, so the file proves how often bodies ran)
 AUTOLOCK_TEST_SLEEP    seconds each revision body sleeps (widens race windows)
 AUTOLOCK_TEST_FAIL_AT  revision that raises after its first DDL statement
-AUTOLOCK_TEST_HANG_AT  revision that writes "hang" to the trace and sleeps for a minute
-AUTOLOCK_TEST_PG_SLEEP_AT  revision that runs SELECT pg_sleep(60) / SELECT SLEEP(60) in the server
+AUTOLOCK_TEST_HANG_AT  revision that writes "hang" to the trace and sleeps for a minute (in Python)
+AUTOLOCK_TEST_SERVER_SLEEP_AT  revision that, after its first DDL statement, writes
+                       "server-sleep" to the trace and runs pg_sleep(60) / SLEEP(60) in the server;
+                       "<rev>:before" does it before the DDL (MySQL commits each DDL at once)
 """
 
 import os
@@ -34,12 +36,19 @@ def body(rev: str, direction: str = "up") -> None:
     if os.environ.get("AUTOLOCK_TEST_HANG_AT") == rev and direction == "up":
         trace(rev, direction, "hang")
         time.sleep(60)
-    if os.environ.get("AUTOLOCK_TEST_PG_SLEEP_AT") == rev and direction == "up":
-        trace(rev, direction, "server-sleep")
-        dialect = op.get_context().dialect.name
-        op.execute("SELECT pg_sleep(60)" if dialect == "postgresql" else "SELECT SLEEP(60)")
+    if os.environ.get("AUTOLOCK_TEST_SERVER_SLEEP_AT") == f"{rev}:before" and direction == "up":
+        _server_sleep(rev)
 
 
-def maybe_fail(rev: str) -> None:
+def _server_sleep(rev: str) -> None:
+    trace(rev, "up", "server-sleep")
+    dialect = op.get_context().dialect.name
+    op.execute("SELECT pg_sleep(60)" if dialect == "postgresql" else "SELECT SLEEP(60)")
+
+
+def after_ddl(rev: str) -> None:
+    """Runs after the revision's first DDL statement, inside its transaction."""
+    if os.environ.get("AUTOLOCK_TEST_SERVER_SLEEP_AT") == rev:
+        _server_sleep(rev)
     if os.environ.get("AUTOLOCK_TEST_FAIL_AT") == rev:
         raise RuntimeError(f"revision {rev} failed on purpose")

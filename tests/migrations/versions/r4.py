@@ -21,7 +21,7 @@ def upgrade() -> None:
             op.create_index("ix_t1_note", "t1", ["note"], postgresql_concurrently=True)
     else:
         op.create_index("ix_t1_note", "t1", ["note"])
-    behaviour.maybe_fail(revision)
+    behaviour.after_ddl(revision)
 
 
 def downgrade() -> None:

@@ -18,7 +18,7 @@ depends_on = None
 def upgrade() -> None:
     behaviour.body(revision)
     op.create_table("t5", sa.Column("id", sa.Integer, primary_key=True), sa.Column("note", sa.String(50)))
-    behaviour.maybe_fail(revision)
+    behaviour.after_ddl(revision)
     op.execute(sa.text("INSERT INTO t5 (id, note) VALUES (1, 'r5')"))
 
 
