@@ -26,6 +26,7 @@ from .exceptions import (
     GateClosed,
     LockLost,
     LockTimeout,
+    LockUnavailable,
     MigrationFailed,
     PendingMigrations,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "Holder",
     "LockLost",
     "LockTimeout",
+    "LockUnavailable",
     "MigrationFailed",
     "MigrationResult",
     "PendingMigrations",

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,3 +102,23 @@ def wait_for(predicate: Any, timeout: float, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+@contextmanager
+def holder_hanging_in(
+    ini: str, url: str, trace: Any, rev: str, *args: str
+) -> Iterator[subprocess.Popen[str]]:
+    """A worker process that holds the lock while it hangs inside revision ``rev``."""
+    proc = start_worker(
+        ini,
+        url,
+        *args,
+        env=worker_env(AUTOLOCK_TEST_HANG_AT=rev, AUTOLOCK_TEST_TRACE=str(trace.path)),
+    )
+    try:
+        assert wait_for(lambda: [rev, "up", str(proc.pid), "hang"] in trace.lines(), 30)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from support import (
     ALL_REVS,
     finish,
     heads_of,
+    holder_hanging_in,
     stampede,
     start_worker,
     wait_for,
@@ -71,21 +71,6 @@ def test_concurrent_plain_alembic_cli_runs_take_the_lock(
     assert [code for code, _ in results] == [0] * 8, results
     assert trace.bodies() == ALL_REVS
     assert heads_of(pg_url) == {"r5"}
-
-
-@contextmanager
-def holder_hanging_in(ini: str, url: str, trace: Any, rev: str) -> Any:
-    """A worker process that holds the lock while it hangs inside revision ``rev``."""
-    proc = start_worker(
-        ini, url, env=worker_env(AUTOLOCK_TEST_HANG_AT=rev, AUTOLOCK_TEST_TRACE=str(trace.path))
-    )
-    try:
-        assert wait_for(lambda: [rev, "up", str(proc.pid), "hang"] in trace.lines(), 30)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
 
 
 def test_lock_timeout_names_the_holder(

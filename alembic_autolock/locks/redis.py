@@ -25,6 +25,8 @@ Pitfalls and what is done about them:
 * ``reset_all()`` deletes every application's locks: never called; ``unlock`` deletes only
   this namespace's key.
 * ``strict=`` is not passed (python-redis-lock 4.1 removes it).
+* Its Lua scripts are registered on ``redis_lock.Lock`` itself, never first on our subclass
+  (its once-only global registration would leave the base class without them).
 """
 
 from __future__ import annotations
@@ -129,6 +131,10 @@ class RedisLock:
 
     def _new_lock(self) -> _RenewingLock:
         _install_quiet_filter()
+        # python-redis-lock registers its Lua scripts once, on the class it is first called on,
+        # behind a module-global flag. Done first from our subclass, the base class would
+        # never get them and the application's own redis_lock.Lock would break.
+        redis_lock.Lock.register_scripts(self._client)
         try:
             lock = _RenewingLock(
                 self._client, self.key, expire=self.ttl, id=owner_id(), auto_renewal=True
@@ -212,6 +218,7 @@ class RedisLock:
         if not held:
             return []
         current = held[0].owner
+        redis_lock.Lock.register_scripts(self._client)
         if force:
             redis_lock.Lock(self._client, self.key).reset()  # this namespace's key only
             return held
