@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
@@ -29,6 +28,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import _events as events
 from .locks import owner_tag
+from .locks._session import side_connection
 
 ORPHAN_WAITING = "orphan.waiting"
 ORPHAN_GONE = "orphan.gone"
@@ -112,14 +112,7 @@ def reap_orphans(engine: Engine, namespace: str, wait: float) -> list[str]:
     """
     if not tags_sessions(engine):
         return []
-    from .locks.postgresql import open_side_connection
-
-    side = (
-        open_side_connection(engine, None, owner_tag("look", _key_hint(namespace)))
-        if (engine.dialect.name == "postgresql")
-        else _mysql_side(engine)
-    )
-    try:
+    with side_connection(engine, tag=owner_tag("look", _key_hint(namespace))) as side:
         found = _orphans(side, namespace)
         if not found:
             return []
@@ -139,12 +132,3 @@ def reap_orphans(engine: Engine, namespace: str, wait: float) -> list[str]:
         while _orphans(side, namespace) and time.monotonic() < end:
             time.sleep(0.05)
         return described
-    finally:
-        side.invalidate()
-        side.close()
-
-
-def _mysql_side(engine: Engine) -> Any:
-    from .locks.mysql import _open
-
-    return _open(engine, None)

@@ -148,7 +148,7 @@ class ProcessOnlyLock:
         raise cannot_unlock(self.name, [], "an in-process lock ends with its process")
 
 
-class NoLock:
+class NoLock(ProcessOnlyLock):
     """``lock = none``: no distributed lock at all (a warning event says so)."""
 
     name = "none"
@@ -160,15 +160,6 @@ class NoLock:
             detail="lock = none: concurrent migrators are not excluded",
         )
         return True
-
-    def release(self) -> None:
-        return None
-
-    def holders(self) -> list[Holder]:
-        return []
-
-    def lost(self) -> str | None:
-        return None
 
     def unlock(self, *, owner: str | None, force: bool) -> list[Holder]:
         raise cannot_unlock(self.name, [], "lock = none has no lock to clear")

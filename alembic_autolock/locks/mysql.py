@@ -24,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import Holder, cannot_unlock
-from .postgresql import lock_engine_for
+from ._session import SessionLock, close, open_side_connection, side_connection
 
 
 def lock_name(namespace: str) -> str:
@@ -32,20 +32,8 @@ def lock_name(namespace: str) -> str:
     return "autolock:" + hashlib.blake2b(namespace.encode(), digest_size=20).hexdigest()
 
 
-def _open(engine: Engine, lock_engine: Engine | None) -> Connection:
-    conn = (lock_engine or engine).connect()
-    try:
-        conn.execution_options(isolation_level="AUTOCOMMIT")
-        if lock_engine is None:
-            conn.detach()
-    except BaseException:
-        conn.invalidate()
-        conn.close()
-        raise
-    return conn
-
-
 _SLICE = 0.25
+_OWNER_SQL = text("SELECT IS_USED_LOCK(:name)")
 
 _HOLDER_SQL = text("SELECT ID, USER, HOST, TIME FROM information_schema.PROCESSLIST WHERE ID = :id")
 
@@ -56,21 +44,21 @@ _WAITERS_SQL = text(
 )
 
 
-class MySQLLock:
+class MySQLLock(SessionLock):
     name = "mysql"
+    _unlock_sql = text("SELECT RELEASE_LOCK(:name)")
 
     def __init__(self, engine: Engine, namespace: str, *, lock_url: str | None = None) -> None:
-        self.engine = engine
-        self.namespace = namespace
+        super().__init__(engine, namespace, lock_url=lock_url)
         self.lock_name = lock_name(namespace)
-        self._lock_engine = lock_engine_for(engine, lock_url)
-        self._conn: Connection | None = None
         self._conn_id: int | None = None
-        self._held = False
+
+    def _unlock_params(self) -> dict[str, Any]:
+        return {"name": self.lock_name}
 
     def acquire(self, timeout: float) -> bool:
         if self._conn is None:
-            self._conn = _open(self.engine, self._lock_engine)
+            self._conn = open_side_connection(self.engine, self._lock_engine)
             self._conn_id = int(self._conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
         deadline = time.monotonic() + timeout
         while True:
@@ -85,27 +73,11 @@ class MySQLLock:
             if remaining <= 0 or time.monotonic() >= deadline:
                 return False
 
-    def release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            if self._held:
-                conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": self.lock_name})
-        except DBAPIError:
-            pass  # the session is gone, and its lock with it
-        finally:
-            self._held = False
-            conn.invalidate()
-            conn.close()
-
     def lost(self) -> str | None:
         if self._conn is None or not self._held:
             return "the lock was never acquired or already released"
         try:
-            owner = self._conn.execute(
-                text("SELECT IS_USED_LOCK(:name)"), {"name": self.lock_name}
-            ).scalar()
+            owner = self._owner(self._conn)
         except DBAPIError as exc:
             return f"the lock connection failed: {str(exc.orig).strip().splitlines()[0]}"
         if owner != self._conn_id:
@@ -113,11 +85,9 @@ class MySQLLock:
         return None
 
     def holders(self) -> list[Holder]:
-        conn = self._conn or _open(self.engine, self._lock_engine)
+        conn = self._conn or open_side_connection(self.engine, self._lock_engine)
         try:
-            owner = conn.execute(
-                text("SELECT IS_USED_LOCK(:name)"), {"name": self.lock_name}
-            ).scalar()
+            owner = self._owner(conn)
             row = None
             if owner is not None:
                 row = conn.execute(_HOLDER_SQL, {"id": owner}).mappings().first()
@@ -128,10 +98,14 @@ class MySQLLock:
             )
         finally:
             if conn is not self._conn:
-                conn.invalidate()
-                conn.close()
+                close(conn)
         found = [] if owner is None else [_holder(int(owner), row, waiting=False)]
         return found + [_holder(int(w["ID"]), w, waiting=True) for w in waiting if w["ID"] != owner]
+
+    def _owner(self, conn: Connection) -> int | None:
+        """The connection id of whoever holds the lock, or None."""
+        owner = conn.execute(_OWNER_SQL, {"name": self.lock_name}).scalar()
+        return None if owner is None else int(owner)
 
     def unlock(self, *, owner: str | None, force: bool) -> list[Holder]:
         held = [h for h in self.holders() if not h.waiting]
@@ -144,23 +118,13 @@ class MySQLLock:
                 "a user-level lock is released when its session ends; pass --force to end "
                 "that session (KILL)",
             )
-        conn = _open(self.engine, self._lock_engine)
-        try:
+        with side_connection(self.engine, self._lock_engine) as conn:
             for holder in held:
                 with contextlib.suppress(DBAPIError):  # it may have ended meanwhile
                     conn.execute(text("KILL :id"), {"id": holder.session_id})
             deadline = time.monotonic() + 5
-            while (
-                time.monotonic() < deadline
-                and conn.execute(
-                    text("SELECT IS_USED_LOCK(:name)"), {"name": self.lock_name}
-                ).scalar()
-                is not None
-            ):
+            while time.monotonic() < deadline and self._owner(conn) is not None:
                 time.sleep(0.05)
-        finally:
-            conn.invalidate()
-            conn.close()
         return held
 
 

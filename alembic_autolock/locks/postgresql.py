@@ -19,14 +19,13 @@ import struct
 from datetime import UTC
 from typing import Any
 
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.pool import NullPool
 
-from .. import _state
 from ..exceptions import ConfigError
 from . import Backoff, Holder, cannot_unlock, owner_tag, parse_owner_tag
+from ._session import SessionLock, open_side_connection, side_connection
 
 
 def advisory_key(namespace: str) -> int:
@@ -92,53 +91,29 @@ _WAITERS_SQL = text(
 )
 
 _SET_NAME_SQL = text("SELECT set_config('application_name', :name, false)")
+_UNLOCK_SQL = text("SELECT pg_advisory_unlock(:key)")
 
 
-def lock_engine_for(engine: Engine, lock_url: str | None) -> Engine | None:
-    """A dedicated NullPool engine for ``lock_url`` (one per URL per process), else None."""
-    if lock_url is None:
-        return None
-    with _state.registry_lock:
-        lock_engine = _state.lock_engines.get(lock_url)
-        if lock_engine is None:
-            lock_engine = create_engine(lock_url, poolclass=NullPool)
-            _state.lock_engines[lock_url] = lock_engine
-        return lock_engine
-
-
-def open_side_connection(engine: Engine, lock_engine: Engine | None, tag: str) -> Connection:
-    """A connection outside the pool, in AUTOCOMMIT, named ``tag`` in pg_stat_activity."""
-    conn = (lock_engine or engine).connect()
-    try:
-        conn.execution_options(isolation_level="AUTOCOMMIT")
-        if lock_engine is None:
-            conn.detach()  # out of the application's pool: closed, never reused, after release
-        conn.execute(_SET_NAME_SQL, {"name": tag})
-    except BaseException:
-        conn.invalidate()
-        conn.close()
-        raise
-    return conn
-
-
-class PostgresLock:
+class PostgresLock(SessionLock):
     name = "postgresql"
+    _unlock_sql = _UNLOCK_SQL
 
     def __init__(self, engine: Engine, namespace: str, *, lock_url: str | None = None) -> None:
-        self.engine = engine
-        self.namespace = namespace
+        super().__init__(engine, namespace, lock_url=lock_url)
         self.key = advisory_key(namespace)
         self.key_hint = f"{self.key & 0xFFFFFFFF:08x}"
-        self._lock_engine = lock_engine_for(engine, lock_url)
-        self._conn: Connection | None = None
-        self._held = False
         self._pid: int | None = None
+
+    def _unlock_params(self) -> dict[str, Any]:
+        return {"key": self.key}
+
+    def _forget(self) -> None:
+        self._held = False
+        self._pid = None
 
     def _connection(self) -> Connection:
         if self._conn is None:
-            self._conn = open_side_connection(
-                self.engine, self._lock_engine, owner_tag("wait", self.key_hint)
-            )
+            self._conn = open_side_connection(self.engine, self._lock_engine, self._tag("wait"))
         return self._conn
 
     def acquire(self, timeout: float) -> bool:
@@ -147,7 +122,7 @@ class PostgresLock:
         while True:
             row = conn.execute(_TRY_SQL, {"key": self.key}).one()
             if row.got and row.already:
-                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
+                conn.execute(_UNLOCK_SQL, {"key": self.key})
                 raise ConfigError(
                     "the PostgreSQL lock connection shares its server session (pid "
                     f"{row.pid}) with another client that already holds the migration lock. "
@@ -157,25 +132,10 @@ class PostgresLock:
             if row.got:
                 self._held = True
                 self._pid = int(row.pid)
-                conn.execute(_SET_NAME_SQL, {"name": owner_tag("lock", self.key_hint)})
+                conn.execute(_SET_NAME_SQL, {"name": self._tag("lock")})
                 return True
             if not backoff.sleep():
                 return False
-
-    def release(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            if self._held:
-                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": self.key})
-        except DBAPIError:
-            pass  # the session is gone, and its lock with it
-        finally:
-            self._held = False
-            self._pid = None
-            conn.invalidate()  # never reused: a session lock must not outlive this run
-            conn.close()
 
     def lost(self) -> str | None:
         if self._conn is None or not self._held:
@@ -196,14 +156,8 @@ class PostgresLock:
     def holders(self) -> list[Holder]:
         if self._conn is not None:
             return self._holders(self._conn)
-        conn = open_side_connection(
-            self.engine, self._lock_engine, owner_tag("look", self.key_hint)
-        )
-        try:
+        with side_connection(self.engine, self._lock_engine, self._tag("look")) as conn:
             return self._holders(conn)
-        finally:
-            conn.invalidate()
-            conn.close()
 
     def _holders(self, conn: Connection) -> list[Holder]:
         rows = conn.execute(_HOLDERS_SQL, {"key": self.key}).mappings().all()
@@ -229,19 +183,16 @@ class PostgresLock:
                 "an advisory lock is released when its session ends; pass --force to "
                 "terminate that session (pg_terminate_backend)",
             )
-        conn = open_side_connection(
-            self.engine, self._lock_engine, owner_tag("look", self.key_hint)
-        )
-        try:
+        with side_connection(self.engine, self._lock_engine, self._tag("look")) as conn:
             for holder in held:
                 conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": holder.session_id})
             backoff = Backoff(5)
-            while self._holders(conn) and backoff.sleep():
+            while any(not h.waiting for h in self._holders(conn)) and backoff.sleep():
                 pass
-        finally:
-            conn.invalidate()
-            conn.close()
         return held
+
+    def _tag(self, role: str) -> str:
+        return owner_tag(role, self.key_hint)
 
 
 def _holder(row: Any, *, waiting: bool | None = None) -> Holder:
