@@ -90,14 +90,10 @@ class Status:
         }
 
 
-def _plan_for(engine: Engine, config: ConfigLike, overrides: Mapping[str, Any]) -> Plan:
-    return prepare(engine, config, overrides)
-
-
 def _remember(plan: Plan, heads: tuple[str, ...]) -> None:
     ttl = plan.settings.cache_ttl
     if ttl > 0 and frozenset(heads) == plan.script_heads:
-        _state.heads[plan.cache_key] = (time.monotonic() + ttl, frozenset(heads))
+        _state.heads[plan.cache_key] = (time.monotonic() + ttl, tuple(sorted(heads)))
 
 
 def _handle_ahead(
@@ -138,11 +134,11 @@ def ensure_migrated(
     if plan is not None and plan.engine_ref() is engine:
         entry = _state.heads.get(plan.cache_key)
         if entry is not None and entry[0] > time.monotonic():
-            return MigrationResult(
-                "cached", (), tuple(sorted(entry[1])), 0.0, time.perf_counter() - started
-            )
-    plan = _plan_for(engine, config, settings)
+            return MigrationResult("cached", (), entry[1], 0.0, time.perf_counter() - started)
+    plan = prepare(engine, config, settings)
     if memo is not None and plan.settings.cache_ttl > 0:
+        if len(_state.plans) >= _state.MAX_PLANS:  # an app that makes engine after engine
+            _state.plans.clear()
         _state.plans[memo] = plan
     s = plan.settings
     if s.mode == "off":
@@ -274,7 +270,7 @@ def upgrade(
     Never served from the cache and not subject to ``mode``: an explicit upgrade is an
     operator's decision."""
     started = time.perf_counter()
-    plan = _plan_for(engine, config, settings)
+    plan = prepare(engine, config, settings)
     _check_revision(plan, revision)
     if revision in ("head", "heads"):
         heads = read_heads(engine, plan.settings, plan.masked_url)
@@ -292,7 +288,7 @@ def downgrade(
 ) -> MigrationResult:
     """Downgrade to ``revision`` under the lock, if ``allow_downgrade`` permits it here."""
     started = time.perf_counter()
-    plan = _plan_for(engine, config, settings)
+    plan = prepare(engine, config, settings)
     gate_downgrade(plan.settings)
     _check_revision(plan, revision)
     return _migrate(engine, plan, revision, upgrade=False, started=started, second_look=False)
@@ -300,7 +296,7 @@ def downgrade(
 
 def status(engine: Engine, *, config: ConfigLike = None, **settings: Any) -> Status:
     """The current heads, the script heads, what is pending, and who holds the lock."""
-    plan = _plan_for(engine, config, settings)
+    plan = prepare(engine, config, settings)
     s = plan.settings
     heads = read_heads(engine, s, plan.masked_url)
     unknown = unknown_heads(plan.script, heads)
@@ -336,7 +332,7 @@ def lock_holders(
     engine: Engine, *, config: ConfigLike = None, **settings: Any
 ) -> tuple[str, str, tuple[Holder, ...]]:
     """(backend name, namespace, who holds and who waits for the lock)."""
-    plan = _plan_for(engine, config, settings)
+    plan = prepare(engine, config, settings)
     backend = make_backend(plan.settings, engine, plan.namespace)
     return backend.name, plan.namespace, tuple(backend.holders())
 
@@ -351,7 +347,7 @@ def unlock(
 ) -> tuple[Holder, ...]:
     """Clear a stuck lock of this namespace: Redis by owner (or ``force``); PostgreSQL and MySQL
     only with ``force``, by ending the holding session. Returns who was cleared."""
-    plan = _plan_for(engine, config, settings)
+    plan = prepare(engine, config, settings)
     backend = make_backend(plan.settings, engine, plan.namespace)
     cleared = tuple(backend.unlock(owner=owner, force=force))
     for holder in cleared:

@@ -17,8 +17,9 @@ import os
 import threading
 from typing import Any
 
+MAX_PLANS = 256
 plans: dict[Any, Any] = {}
-heads: dict[Any, tuple[float, frozenset[str]]] = {}
+heads: dict[Any, tuple[float, tuple[str, ...]]] = {}
 process_locks: dict[str, threading.Lock] = {}
 process_lock_owners: dict[str, tuple[int | None, str]] = {}
 lock_engines: dict[str, Any] = {}
