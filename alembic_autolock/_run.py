@@ -220,7 +220,8 @@ def run_alembic(
     with connect(engine, masked_url) as conn:
         # Nothing may stay open on this connection when Alembic configures it: a statement
         # would autobegin a transaction that Alembic then treats as the caller's and never
-        # commits. The session tag is committed; the session is closed, not pooled, after.
+        # commits. The session setting the tag makes is committed; the session is closed, not
+        # pooled, after.
         tagged = sessions.tags_sessions(engine)
         if tagged:
             sessions.tag(conn, namespace)
@@ -246,7 +247,6 @@ def run_alembic(
             raise failure(exc, tracker, engine, settings, script, masked_url) from exc
         finally:
             if tagged:
-                sessions.untag(conn, namespace)
                 conn.invalidate()  # a tagged session never goes back to the pool
     return tracker
 

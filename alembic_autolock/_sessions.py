@@ -1,28 +1,32 @@
-"""Migration sessions: tagging them, and dealing with the ones a dead holder left behind.
+"""Migration sessions: tagging their statements, and dealing with the ones a dead holder left.
 
 When a holder process dies, its lock connection closes at once and the lock is free, but the
 server session of its *migration* connection may still be running the statement in flight (a
 long CREATE INDEX, a pg_sleep) until it next talks to the dead client. The next holder must not
-migrate beside it. So every migration session is tagged, and after taking the lock a holder
-looks for tagged sessions of its namespace other than its own, waits up to ``orphan_wait``
-seconds for them to end, then terminates them (``pg_terminate_backend`` / ``KILL``), with an
-event either way.
+migrate beside it. So every statement a migration connection sends starts with the comment
+``/* autolock:migrate:<key>:<pid>@<host> */``, and after taking the lock a holder looks for
+server sessions of this database that are running (or, on PostgreSQL, are idle inside a
+transaction after) such a statement of its namespace; it waits up to ``orphan_wait`` seconds
+for them to end, then terminates them (``pg_terminate_backend`` / ``KILL``), with an event
+either way.
 
-* PostgreSQL: ``application_name = autolock:migrate:<key>:<pid>:<time>:<host>``; PostgreSQL 14+
-  also gets ``client_connection_check_interval = 1s`` so an orphan usually ends by itself.
-* MySQL/MariaDB: the migration session holds a second user-level lock, ``<lock name>:m``; whoever
-  holds it while we hold the main lock is an orphan (``IS_USED_LOCK`` names its connection).
-
-Tags are set and committed before Alembic sees the connection, so Alembic still owns its
-transactions.
+The tag is on each statement, not on the session, so it cannot outlive the statement: behind a
+transaction-pooling proxy (PgBouncer) a server session that served our migration and then
+serves another client is not mistaken for ours. On PostgreSQL 14+ the migration session also
+gets ``client_connection_check_interval = 1s``, so an orphan usually ends by itself within a
+second. That setting is committed before Alembic sees the connection, so Alembic still owns
+its transactions.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import time
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -41,60 +45,54 @@ def _key_hint(namespace: str) -> str:
     return f"{advisory_key(namespace) & 0xFFFFFFFF:08x}"
 
 
-def _marker(namespace: str) -> str:
-    from .locks.mysql import lock_name
-
-    return lock_name(namespace) + ":m"
+def _prefix(namespace: str) -> str:
+    return f"/* autolock:migrate:{_key_hint(namespace)}:"
 
 
 def tags_sessions(engine: Engine) -> bool:
     return engine.dialect.name in ("postgresql", "mysql", "mariadb")
 
 
-def tag(conn: Connection, namespace: str) -> None:
-    """Mark ``conn`` as this namespace's migration session, then commit."""
-    dialect = conn.dialect.name
-    if dialect == "postgresql":
-        conn.execute(
-            text("SELECT set_config('application_name', :n, false)"),
-            {"n": owner_tag("migrate", _key_hint(namespace))},
-        )
-        version = conn.dialect.server_version_info or (0,)
-        if version >= (14,):
-            conn.execute(text("SELECT set_config('client_connection_check_interval', '1s', false)"))
-    elif dialect in ("mysql", "mariadb"):
-        conn.execute(text("SELECT GET_LOCK(:m, 0)"), {"m": _marker(namespace)})
-    else:
-        return
-    conn.commit()
+def tag(conn: Connection, namespace: str, *, session_settings: bool = True) -> None:
+    """Prefix every statement ``conn`` sends with this namespace's migration comment (and, with
+    ``session_settings``, let PostgreSQL 14+ notice a dead client during a statement)."""
+    comment = f"{_prefix(namespace)}{os.getpid()}@{socket.gethostname()[:40]} */ "
+
+    def add_comment(
+        conn: Connection, cursor: Any, statement: str, params: Any, context: Any, many: bool
+    ) -> tuple[str, Any]:
+        return comment + statement, params
+
+    event.listen(conn, "before_cursor_execute", add_comment, retval=True)
+    version = conn.dialect.server_version_info or (0,)
+    if session_settings and conn.dialect.name == "postgresql" and version >= (14,):
+        conn.execute(text("SELECT set_config('client_connection_check_interval', '1s', false)"))
+        conn.commit()
 
 
-def untag(conn: Connection, namespace: str) -> None:
-    """Give up the MySQL marker lock before the session closes (closing is asynchronous)."""
-    if conn.dialect.name in ("mysql", "mariadb"):
-        try:
-            conn.execute(text("SELECT RELEASE_LOCK(:m)"), {"m": _marker(namespace)})
-            conn.commit()
-        except DBAPIError:
-            pass  # the session is gone, and the marker with it
-
-
+# Sessions running one of our statements, or idle inside the transaction one of them ran in.
 _PG_ORPHANS = text(
     """
-    SELECT pid, state, application_name FROM pg_stat_activity
+    SELECT pid, state FROM pg_stat_activity
     WHERE datname = current_database() AND pid <> pg_backend_pid()
-      AND application_name LIKE :pattern AND state <> 'idle'
+      AND state IN ('active', 'idle in transaction', 'idle in transaction (aborted)')
+      AND left(query, length(:prefix)) = :prefix
     """
+)
+
+_MYSQL_ORPHANS = text(
+    "SELECT ID FROM information_schema.PROCESSLIST "
+    "WHERE ID <> CONNECTION_ID() AND LEFT(INFO, CHAR_LENGTH(:prefix)) = :prefix"
 )
 
 
 def _orphans(side: Connection, namespace: str) -> list[tuple[int, str]]:
+    prefix = _prefix(namespace)
     if side.dialect.name == "postgresql":
-        pattern = "autolock:migrate:" + _key_hint(namespace) + ":%"
-        rows = side.execute(_PG_ORPHANS, {"pattern": pattern}).all()
-        return [(int(r.pid), f"pid {r.pid} ({r.application_name}, {r.state})") for r in rows]
-    owner = side.execute(text("SELECT IS_USED_LOCK(:m)"), {"m": _marker(namespace)}).scalar()
-    return [] if owner is None else [(int(owner), f"connection {owner}")]
+        rows = side.execute(_PG_ORPHANS, {"prefix": prefix}).all()
+        return [(int(r.pid), f"pid {r.pid} ({r.state})") for r in rows]
+    rows = side.execute(_MYSQL_ORPHANS, {"prefix": prefix}).all()
+    return [(int(r.ID), f"connection {r.ID}") for r in rows]
 
 
 def _terminate(side: Connection, session: int) -> None:

@@ -78,20 +78,20 @@ def run_migrations(target_metadata: Any = None, **configure_kwargs: Any) -> None
         return
 
     mutating = "destination_rev" in env.context_opts and not env.context_opts.get("dont_mutate")
-    with _connection(context, config) as (conn, owned):
+    with _connection(context, config) as (conn, origin):
         if not mutating:  # current, check, history, autogenerate: read only, no lock
             context.configure(connection=conn, **options)
             with context.begin_transaction():
                 context.run_migrations()
             return
-        _run_locked(context, env, conn, owned, settings, options)
+        _run_locked(context, env, conn, origin, settings, options)
 
 
 def _run_locked(
     context: Any,
     env: Any,
     conn: Connection,
-    owned: bool,
+    origin: str,
     settings: Settings,
     options: dict[str, Any],
 ) -> None:
@@ -102,8 +102,9 @@ def _run_locked(
     lock.acquire()
     try:
         sessions.reap_orphans(engine, namespace, settings.orphan_wait)
-        if owned:  # our own NullPool connection: tag it as this namespace's migration session
-            sessions.tag(conn, namespace)
+        if origin != "given":  # never change a Connection the caller handed over
+            # our own NullPool session may also get session settings; a pooled one may not
+            sessions.tag(conn, namespace, session_settings=origin == "owned")
         # The lock is on its own connection: ``conn`` has executed nothing yet, so Alembic owns
         # its transactions (per revision by default).
         context.configure(connection=conn, fn=tracker.wrap(env.context_opts["fn"]), **options)
@@ -117,8 +118,6 @@ def _run_locked(
                 conn.rollback()
             raise failure(exc, tracker, engine, settings, env.script, mask_url(engine.url)) from exc
     finally:
-        if owned:
-            sessions.untag(conn, namespace)
         lock.release()
         _state.heads.clear()  # this process's own cached "at head" answers are stale now
 
@@ -174,11 +173,13 @@ def _url(context: Any, config: Any) -> str:
 
 
 @contextmanager
-def _connection(context: Any, config: Any) -> Iterator[tuple[Connection, bool]]:
-    """The connection to migrate on, and whether it is ours (made from sqlalchemy.url)."""
+def _connection(context: Any, config: Any) -> Iterator[tuple[Connection, str]]:
+    """The connection to migrate on, and where it comes from: "given" (a Connection from the
+    caller), "opened" (from the caller's Engine or engine-like object) or "owned" (from a NullPool
+    engine made from the URL, disposed afterwards)."""
     connectable = config.attributes.get("connection")
     if isinstance(connectable, Connection):
-        yield connectable, False
+        yield connectable, "given"
         return
     owned: Engine | None = None
     if connectable is None:
@@ -196,7 +197,7 @@ def _connection(context: Any, config: Any) -> Iterator[tuple[Connection, bool]]:
                 raise unavailable(connectable, exc) from exc
             raise
         with conn:
-            yield conn, owned is not None
+            yield conn, "owned" if owned is not None else "opened"
     finally:
         if owned is not None:
             owned.dispose()

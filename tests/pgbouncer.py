@@ -9,19 +9,22 @@ Every instance forwards every database (``* = host=127.0.0.1 port=5432``) with
 ``auth_type = trust``; its config, auth_file, log and pid file live in a temp dir of its own.
 PgBouncer refuses to run as root, so as root it runs as the ``postgres`` user (the temp dir is
 handed to that user). The process asks the kernel for SIGTERM when the test process dies, so a
-killed pytest does not leave it behind either.
+killed pytest does not leave it behind either (only its temp dir, under /tmp).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,15 +53,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """PR_SET_PDEATHSIG: SIGTERM this process when the pytest process dies (Linux only)."""
-    try:
-        import ctypes
+def _child_setup(uid: int | None, gid: int | None) -> Callable[[], None]:
+    """What the child runs between fork and exec: become ``uid``/``gid`` (as root), then ask
+    for SIGTERM when the test process dies (PR_SET_PDEATHSIG, Linux).
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
-    except Exception:  # noqa: S110 - best effort; the fixture's teardown is the real cleanup
-        pass
+    The switch is done here rather than with Popen(user=...), because a change of credentials
+    clears the parent-death signal, and Popen runs preexec_fn before its own switch. libc is
+    looked up here, in the parent: the child imports nothing.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the fixture's teardown is the cleanup
+        prctl = None
+
+    def setup() -> None:  # pragma: no cover - runs in the child
+        if gid is not None and uid is not None:
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+        if prctl is not None:
+            prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+    return setup
 
 
 @dataclass
@@ -215,27 +231,26 @@ def start_pgbouncer(
     if binary is None:
         raise FileNotFoundError("pgbouncer is not installed")
     as_root = hasattr(os, "geteuid") and os.geteuid() == 0
-    error: Exception | None = None
+    error: BaseException | None = None
     for _ in range(attempts):  # another process may take the free port before PgBouncer does
         workdir = Path(tempfile.mkdtemp(prefix="autolock-pgbouncer-"))
         bouncer = PgBouncer(binary, workdir, free_port(), pool_mode, pool_size)
         ini = workdir / "pgbouncer.ini"
         ini.write_text(_config(bouncer, **settings))
         (workdir / "userlist.txt").write_text('"postgres" ""\n')
-        kwargs: dict[str, Any] = {}
+        uid: int | None = None
+        gid: int | None = None
         if as_root:
+            account = pwd.getpwnam(RUN_AS)
+            uid, gid = account.pw_uid, account.pw_gid
             for path in (workdir, *workdir.iterdir()):
-                shutil.chown(path, user=RUN_AS)
-            kwargs["user"] = RUN_AS
-            kwargs["group"] = RUN_AS
-            kwargs["extra_groups"] = []
+                os.chown(path, uid, gid)
         bouncer.proc = subprocess.Popen(
             [binary, str(ini)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
-            **kwargs,
+            preexec_fn=_child_setup(uid, gid),
         )
         try:
             bouncer.wait_ready(timeout)

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import TextClause
 
@@ -96,7 +96,7 @@ class SessionLock:
         try:
             if self._held:
                 conn.execute(self._unlock_sql, self._unlock_params())
-        except DBAPIError:
+        except SQLAlchemyError:  # DBAPIError, or PendingRollbackError after a failed check
             pass  # the session is gone, and its lock with it
         finally:
             self._forget()

@@ -132,10 +132,33 @@ class PostgresLock(SessionLock):
             if row.got:
                 self._held = True
                 self._pid = int(row.pid)
+                if self._lock_engine is None:
+                    self._refuse_shared_session(conn)
                 conn.execute(_SET_NAME_SQL, {"name": self._tag("lock")})
                 return True
             if not backoff.sleep():
                 return False
+
+    def _refuse_shared_session(self, conn: Connection) -> None:
+        """Refuse the lock if the application's connections are served from its session.
+
+        Two connections straight to PostgreSQL never share a backend pid. Behind a
+        transaction-pooling proxy the application's next transaction is served by an idle
+        server session, and the lock's session is idle: with a pool of one always (the check
+        before the first revision would then wait behind the migration's own transaction until
+        the proxy gives up), and with PgBouncer's LIFO reuse usually.
+        """
+        with self.engine.connect() as probe:
+            pid = probe.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        if pid != self._pid:
+            return
+        conn.execute(_UNLOCK_SQL, {"key": self.key})
+        self._forget()
+        raise ConfigError(
+            f"the PostgreSQL lock was taken in server session (pid {pid}), and the "
+            "application's connections are served from that same session. " + POOLER_HINT,
+            key="lock_url",
+        )
 
     def lost(self) -> str | None:
         if self._conn is None or not self._held:
