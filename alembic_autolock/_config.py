@@ -15,11 +15,15 @@ ConfigLike = str | os.PathLike[str] | Config | None
 
 
 def _has_tool_table(path: Path) -> bool:
+    """Whether ``path`` holds [tool.alembic] or [tool.alembic_autolock]; a file that is not
+    valid TOML is an error rather than silently ignored settings."""
     try:
         with path.open("rb") as f:
             tool = tomllib.load(f).get("tool", {})
-    except (OSError, tomllib.TOMLDecodeError):
+    except FileNotFoundError:
         return False
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML ({exc}); fix it, or move it away") from exc
     return "alembic" in tool or "alembic_autolock" in tool
 
 

@@ -19,7 +19,6 @@ from sqlalchemy.engine import URL, make_url
 LOGGER_NAME = "alembic_autolock"
 
 # Event names: part of the documented contract (docs/events.md).
-CACHE_HIT = "check.cached"
 CHECK_CURRENT = "check.current"
 CHECK_PENDING = "check.pending"
 CHECK_AHEAD = "check.ahead"

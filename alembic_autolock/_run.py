@@ -153,11 +153,11 @@ def failure(
             state = f"database unchanged at {describe_heads(after)}"
         else:
             state = f"database at {describe_heads(after)}"
-        if engine.dialect.name in ("mysql", "mariadb") and failed is not None:
+        if not transactional_ddl(engine) and failed is not None:
             state += (
-                f"; {engine.dialect.name} has no transactional DDL, so DDL statements of "
-                f"{failed} that ran before the error are committed and must be repaired by "
-                "hand (or the revision made idempotent) before retrying"
+                f"; {engine.dialect.name} migrations run without transactional DDL, so DDL "
+                f"statements of {failed} that ran before the error are committed and must be "
+                "repaired by hand (or the revision made idempotent) before retrying"
             )
     else:
         applied = list(tracker.done)
@@ -176,6 +176,45 @@ def failure(
         heads=after,
         state=state,
         upgrade=tracker.is_upgrade,
+    )
+
+
+def transactional_ddl(engine: Engine) -> bool:
+    """Whether Alembic runs DDL inside transactions on this dialect (PostgreSQL, MSSQL: yes;
+    MySQL, MariaDB, SQLite, Oracle: no)."""
+    from alembic.ddl.impl import DefaultImpl
+
+    return bool(DefaultImpl.get_by_dialect(engine.dialect).transactional_ddl)
+
+
+def check_persisted(
+    tracker: Tracker, after: tuple[str, ...], script: ScriptDirectory, settings: Settings
+) -> None:
+    """Raise MigrationFailed if revisions that env.py ran are not in the database afterwards:
+    env.py ran them in a transaction that nobody committed (the "silent no-op")."""
+    have = ancestors(script, after)
+    missing = [r for r in tracker.done if (r not in have) == tracker.is_upgrade]
+    if not missing:
+        return
+    state = f"database unchanged at {describe_heads(after)}"
+    summary = (
+        f"env.py ran {', '.join(missing)} but the database does not show "
+        f"{'them' if len(missing) > 1 else 'it'} afterwards"
+    )
+    events.emit(
+        events.MIGRATION_FAILED, "error", revision=None, applied=[], error=summary, state=state
+    )
+    raise MigrationFailed(
+        revision=None,
+        applied=[r for r in tracker.done if r not in missing],
+        cause=RuntimeError(summary),
+        heads=after,
+        state=state,
+        upgrade=tracker.is_upgrade,
+        summary=summary,
+        hint="env.py probably ran the migrations in a transaction that was never committed "
+        "(a connection that had executed a statement before context.configure()). Use "
+        "alembic_autolock.env.run_migrations() in env.py.",
     )
 
 
@@ -199,11 +238,11 @@ def run_alembic(
     upgrade: bool,
     masked_url: str,
     namespace: str,
-) -> Tracker:
+) -> tuple[Tracker, tuple[str, ...]]:
     """Run env.py for an upgrade or downgrade to ``destination`` on a fresh connection.
 
-    The caller holds ``lock``. Returns the tracker (``done`` is what was applied); raises
-    MigrationFailed, LockLost, GateClosed or ConfigError.
+    The caller holds ``lock``. Returns the tracker (``done`` is what was applied) and the heads
+    read afterwards; raises MigrationFailed, LockLost, GateClosed or ConfigError.
     """
     run_cfg = clone_config(cfg)
     tracker = Tracker(settings=settings, lock=lock)
@@ -248,7 +287,9 @@ def run_alembic(
         finally:
             if tagged:
                 conn.invalidate()  # a tagged session never goes back to the pool
-    return tracker
+    after = read_heads(engine, settings, masked_url)
+    check_persisted(tracker, after, script, settings)
+    return tracker, after
 
 
 def _rollback_quietly(conn: Connection) -> None:

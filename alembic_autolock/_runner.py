@@ -19,10 +19,11 @@ from sqlalchemy.engine import Engine
 from . import _events as events
 from . import _state
 from ._config import ConfigLike
+from ._events import mask_url
 from ._plan import Plan, pending_steps, prepare, read_heads, unknown_heads
 from ._run import gate_downgrade, run_alembic
 from ._sessions import reap_orphans
-from .exceptions import ConfigError, DatabaseAhead, MigrationFailed, PendingMigrations
+from .exceptions import ConfigError, DatabaseAhead, PendingMigrations
 from .locks import Holder, MigrationLock, make_backend
 
 
@@ -167,8 +168,15 @@ def ensure_migrated(
 
 
 def _upgrade_command(plan: Plan) -> str:
+    """The command an operator runs to apply what check mode found pending."""
+    parts = ["alembic-autolock"]
     where = plan.cfg.config_file_name or plan.cfg.toml_file_name
-    return f"alembic-autolock -c {where} upgrade" if where else "alembic-autolock upgrade"
+    if where:
+        parts += ["-c", where]
+    configured = plan.cfg.get_main_option("sqlalchemy.url") if plan.cfg.config_file_name else None
+    if configured is None or mask_url(configured) != plan.masked_url:
+        parts += ["--url", f"'{plan.masked_url}'"]  # masked: the operator supplies the password
+    return " ".join([*parts, "upgrade"])
 
 
 def _migrate(
@@ -198,9 +206,10 @@ def _migrate(
         if unknown and upgrade:
             return _handle_ahead(plan, heads, unknown, started, waited)
         _state.forget_heads(plan.cache_key)
-        # A dead holder's migration session may still be running its last statement.
-        reap_orphans(engine, plan.namespace, s.orphan_wait)
-        tracker = run_alembic(
+        if lock.excludes_others:
+            # A dead holder's migration session may still be running its last statement.
+            reap_orphans(engine, plan.namespace, s.orphan_wait)
+        tracker, after = run_alembic(
             engine,
             cfg=plan.cfg,
             script=plan.script,
@@ -211,24 +220,8 @@ def _migrate(
             masked_url=plan.masked_url,
             namespace=plan.namespace,
         )
-        after = read_heads(engine, s, plan.masked_url)
     finally:
         lock.release()
-    if upgrade and destination == "heads" and frozenset(after) != plan.script_heads:
-        cause = RuntimeError(
-            f"env.py finished but the database is at {list(after) or 'no revision'}, not at "
-            f"head {sorted(plan.script_heads)}"
-        )
-        raise MigrationFailed(
-            revision=None,
-            applied=tracker.done,
-            cause=cause,
-            heads=after,
-            state=f"database at {', '.join(after) or 'no revision'}",
-            hint="env.py probably ran the migrations in a transaction that was never committed "
-            "(a connection that had executed a statement before context.configure()). Use "
-            "alembic_autolock.env.run_migrations() in env.py.",
-        )
     _remember(plan, after)
     elapsed = time.perf_counter() - started
     action = ("upgraded" if upgrade else "downgraded") if tracker.done else "current"

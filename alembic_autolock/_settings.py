@@ -60,11 +60,12 @@ class Settings:
 
 
 def _fail(key: str, value: object, source: str, expected: str) -> ConfigError:
-    shown = "<redacted>" if key == "lock_url" else repr(value)
+    secret = key == "lock_url"  # a URL may carry a password: never echo it
+    shown = "<redacted>" if secret else repr(value)
     return ConfigError(
         f"invalid value {shown} for setting {key!r} (from {source}): expected {expected}",
         key=key,
-        value=value,
+        value="<redacted>" if secret else value,
         source=source,
     )
 

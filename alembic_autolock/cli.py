@@ -47,9 +47,8 @@ def _x_url(args: argparse.Namespace) -> str | None:
 def _engine(args: argparse.Namespace, cfg: Config) -> Engine:
     url = args.url or _x_url(args) or cfg.get_main_option("sqlalchemy.url")
     if not url:
-        raise ConfigError(
-            f"no database URL: pass --url, or set sqlalchemy.url in {cfg.config_file_name}"
-        )
+        where = cfg.config_file_name or "the [alembic] section of alembic.ini"
+        raise ConfigError(f"no database URL: pass --url, or set sqlalchemy.url in {where}")
     try:
         return create_engine(url, poolclass=NullPool)
     except (ArgumentError, ImportError) as exc:
@@ -167,6 +166,14 @@ def cmd_wait(args: argparse.Namespace) -> int:
             if st.at_head:
                 print(f"at head: {', '.join(st.current_heads)}")
                 return EXIT_OK
+            if st.unknown_heads:
+                unknown = ", ".join(st.unknown_heads)
+                print(
+                    f"FAILED: the database is at {unknown}, unknown to these scripts: it "
+                    "will never reach their head",
+                    file=sys.stderr,
+                )
+                return EXIT_ERROR
             if time.monotonic() >= deadline:
                 pending = ", ".join(p.revision for p in st.pending) or "unknown revisions"
                 print(
@@ -299,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AutolockError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except BrokenPipeError:  # `alembic-autolock status | head`
+        sys.stderr.close()
+        return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -101,7 +101,8 @@ def _run_locked(
     tracker = Tracker(settings=settings, lock=lock)
     lock.acquire()
     try:
-        sessions.reap_orphans(engine, namespace, settings.orphan_wait)
+        if lock.excludes_others:
+            sessions.reap_orphans(engine, namespace, settings.orphan_wait)
         if origin != "given":  # never change a Connection the caller handed over
             # our own NullPool session may also get session settings; a pooled one may not
             sessions.tag(conn, namespace, session_settings=origin == "owned")

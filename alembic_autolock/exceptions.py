@@ -146,6 +146,7 @@ class MigrationFailed(AutolockError):
         state: str,
         hint: str = "",
         upgrade: bool = True,
+        summary: str | None = None,
     ) -> None:
         self.revision = revision
         self.applied = tuple(applied)
@@ -159,9 +160,13 @@ class MigrationFailed(AutolockError):
         )
         done = ", ".join(self.applied) if self.applied else "none"
         first_line = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        if summary is not None:
+            what, first_line = summary, ""
         message = (
-            f"{what}: {type(cause).__name__}: {first_line}. "
-            f"{'Applied' if upgrade else 'Undone'} by this run before it: {done}. "
+            f"{what}: {type(cause).__name__}: {first_line}. " if first_line else f"{what}. "
+        ) + (
+            f"{'Applied' if upgrade else 'Undone'} by this run"
+            f"{' before it' if revision is not None else ''}: {done}. "
             f"State left behind: {state}."
         )
         if hint:

@@ -35,6 +35,7 @@ from alembic_autolock import (
     MigrationFailed,
     ensure_migrated,
     status,
+    upgrade,
 )
 from alembic_autolock._plan import derive_namespace
 from alembic_autolock._runner import lock_holders, unlock
@@ -260,7 +261,9 @@ def test_mysql_failure_says_ddl_may_be_committed(
         ensure_migrated(make_engine(mysql_url), config=make_ini(mysql_url))
     err = info.value
     assert (err.revision, err.applied, err.heads) == ("r2", ("r1",), ("r1",))
-    assert err.state.startswith("database at revision r1; mysql has no transactional DDL")
+    assert err.state.startswith(
+        "database at revision r1; mysql migrations run without transactional DDL"
+    )
     assert "DDL statements of r2 that ran before the error are committed" in str(err)
 
 
@@ -361,7 +364,7 @@ def test_unlock_redis_checks_the_owner_unless_forced(
             unlock(engine, config=ini, owner="wrong")
         assert client.get(key) == "deadhost:123:app:abcd"
         assert main(["-c", ini, "unlock", "--owner", "deadhost:123:app:abcd"]) == 0
-        assert "cleared: owner deadhost:123:app:abcd" in capsys.readouterr().out
+        assert "cleared: owner 'deadhost:123:app:abcd'" in capsys.readouterr().out
         assert client.get(key) is None
         client.set(key, "other:1:app:zz", ex=300)
         assert main(["-c", ini, "unlock", "--force"]) == 2  # no terminal and no --yes
@@ -425,3 +428,26 @@ def test_application_redis_lock_still_works_after_ours(
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "app lock ok"
+
+
+def test_lock_none_never_terminates_another_migrator(
+    pg_url: str, make_ini: Any, make_engine: Any, trace: Any
+) -> None:
+    """With lock = none another process may be migrating right now: its session is not an
+    orphan, and is left alone."""
+    ini = make_ini(pg_url, lock="none")
+    proc = start_worker(
+        ini,
+        pg_url,
+        env=worker_env(AUTOLOCK_TEST_SERVER_SLEEP_AT="r5", AUTOLOCK_TEST_TRACE=str(trace.path)),
+    )
+    try:
+        assert wait_for(lambda: ["r5", "up", str(proc.pid), "server-sleep"] in trace.lines(), 30)
+        with capture_logs() as logs:
+            result = upgrade(make_engine(pg_url), "r4", config=ini, orphan_wait=0)
+        assert result.action == "current"
+        assert [e for e in logs if e["event"].startswith("orphan.")] == []
+        assert proc.poll() is None  # still migrating: its session was not terminated
+    finally:
+        proc.kill()
+        proc.wait()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 from support import REPO, heads_of, worker_env
 
 from alembic_autolock.cli import main
@@ -217,3 +218,17 @@ def test_example_environment_runs_on_sqlite(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("upgraded: applied 0001, 0002, 0003, 0004, 0005")
     assert heads_of(f"sqlite:///{db}") == {"0005"}
+
+
+def test_wait_gives_up_at_once_when_the_database_is_ahead(
+    sqlite_url: str, make_ini: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """wait exits 2 at once if the database is at a revision the scripts do not know."""
+    ini = make_ini(sqlite_url)
+    assert main(["-c", ini, "upgrade"]) == 0
+    engine = create_engine(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = 'zz9'"))
+    engine.dispose()
+    assert main(["-c", ini, "wait", "--timeout", "60"]) == 2
+    assert "the database is at zz9, unknown to these scripts" in capsys.readouterr().err

@@ -357,3 +357,66 @@ def test_stock_env_py_logging_does_not_silence_the_app(
     app_logger = logging.getLogger("myapp.service")
     assert ensure_migrated(make_engine(pg_url), config=str(ini)).action == "upgraded"
     assert app_logger.disabled is False
+
+
+def test_uncommitted_env_py_run_is_reported_for_any_target(
+    pg_url: str, tmp_path: Path, make_engine: Any
+) -> None:
+    """An env.py that lets Alembic's work sit in a transaction nobody commits (a statement ran
+    on the connection before configure) is caught after the run, whatever the target."""
+    env_dir = tmp_path / "env"
+    (env_dir / "versions").mkdir(parents=True)
+    for f in (MIGRATIONS / "versions").glob("r*.py"):
+        (env_dir / "versions" / f.name).write_text(f.read_text())
+    (env_dir / "env.py").write_text(
+        "from alembic import context\n"
+        "from sqlalchemy import text\n"
+        "conn = context.config.attributes['connection']\n"
+        "conn.execute(text('SELECT 1'))  # autobegins: Alembic now leaves committing to us\n"
+        "context.configure(connection=conn, transaction_per_migration=True)\n"
+        "with context.begin_transaction():\n"
+        "    context.run_migrations()\n"
+    )
+    ini = tmp_path / "alembic.ini"
+    ini.write_text(
+        f"[alembic]\nscript_location = {env_dir}\nprepend_sys_path = {MIGRATIONS}\n"
+        f"path_separator = os\nsqlalchemy.url = {pg_url}\n"
+    )
+    with capture_logs() as logs, pytest.raises(MigrationFailed) as info:
+        upgrade(make_engine(pg_url), "r3", config=str(ini))
+    err = info.value
+    assert (err.revision, err.applied, err.heads) == (None, (), ())
+    assert str(err).startswith(
+        "env.py ran r1, r2, r3 but the database does not show them afterwards. "
+        "Applied by this run: none. State left behind: database unchanged at no revision"
+    )
+    assert "never committed" in str(err)
+    assert [e["event"] for e in logs if e["event"] == "migration.failed"] == ["migration.failed"]
+    assert heads_of(pg_url) == set()
+
+
+def test_sqlite_failure_says_ddl_is_not_transactional(
+    sqlite_url: str, make_ini: Any, make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite Alembic runs DDL outside transactions: the error says the failed revision's
+    DDL may remain."""
+    monkeypatch.setenv("AUTOLOCK_TEST_FAIL_AT", "r3")
+    with pytest.raises(MigrationFailed) as info:
+        ensure_migrated(make_engine(sqlite_url), config=make_ini(sqlite_url))
+    assert info.value.state.startswith(
+        "database at revision r2; sqlite migrations run without transactional DDL, so DDL "
+        "statements of r3 that ran before the error are committed"
+    )
+
+
+def test_pending_command_names_the_engine_url_when_the_config_differs(
+    pg_url: str, make_ini: Any, make_engine: Any
+) -> None:
+    """Check mode's command carries --url (masked) when the engine is not the config's URL."""
+    ini = make_ini("postgresql+psycopg2://someone:pw@elsewhere/other")
+    with pytest.raises(PendingMigrations) as info:
+        ensure_migrated(make_engine(pg_url), config=ini, mode="check")
+    assert info.value.command == f"alembic-autolock -c {ini} --url '{pg_url}' upgrade"
+    with pytest.raises(PendingMigrations) as info:
+        ensure_migrated(make_engine(pg_url), config=make_ini(pg_url), mode="check")
+    assert "--url" not in info.value.command

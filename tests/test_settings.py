@@ -143,10 +143,19 @@ def test_settings_are_frozen() -> None:
 
 
 def test_lock_url_value_is_never_echoed() -> None:
-    """A bad lock_url does not print its (possibly secret) value."""
+    """A bad lock_url does not show its (possibly secret) value, in the message or the error."""
     with pytest.raises(ConfigError) as info:
         resolve_settings({"lock_url": "not a url with password hunter2"}, None, environ={})
     assert "hunter2" not in str(info.value)
+    assert info.value.value == "<redacted>"
+
+
+def test_invalid_pyproject_beside_alembic_ini_is_an_error(tmp_path: Path) -> None:
+    """A pyproject.toml that is not TOML is reported, not silently skipped with its settings."""
+    (tmp_path / "alembic.ini").write_text("[alembic]\nscript_location = m\n")
+    (tmp_path / "pyproject.toml").write_text("[tool.alembic_autolock\ntimeout = 3\n")
+    with pytest.raises(ConfigError, match="pyproject.toml is not valid TOML"):
+        load_config(str(tmp_path / "alembic.ini"), environ={})
 
 
 def test_config_lookup_lists_where_it_looked(

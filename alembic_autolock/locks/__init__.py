@@ -40,9 +40,12 @@ class Holder:
     ttl_s: float | None = None
     since_is_last_activity: bool = False
     session_id: int | None = None
+    owner_kind: str = "owner"
 
     def describe(self) -> str:
-        parts = [p for p in (self.session, self.owner and repr(self.owner)) if p]
+        parts = [self.session] if self.session else []
+        if self.owner:
+            parts.append(f"{self.owner_kind} {self.owner!r}")
         if self.client:
             parts.append(f"client {self.client}")
         if self.since is not None:
@@ -229,6 +232,9 @@ class MigrationLock:
 
     def __init__(self, backend: LockBackend, namespace: str, timeout: float) -> None:
         self.backend = backend
+        # With lock = none other processes may be migrating right now: their sessions are not
+        # orphans and must not be terminated.
+        self.excludes_others = not isinstance(backend, NoLock)
         self.namespace = namespace
         self.timeout = timeout
         self.waited_s = 0.0
@@ -257,7 +263,7 @@ class MigrationLock:
                 waited_s=round(waited, 3),
             )
             raise LockTimeout(
-                backend="in-process",
+                backend="process",
                 namespace=self.namespace,
                 waited_s=waited,
                 timeout_s=self.timeout,

@@ -101,7 +101,15 @@ class FileLock:
             session = f"pid {int(info['pid'])} on {info['host']}"
         except (ValueError, KeyError, TypeError):
             return [Holder(backend="file", session=f"a process holding {self.path}")]
-        return [Holder(backend="file", session=session, owner=self.path, since=since)]
+        return [
+            Holder(
+                backend="file",
+                session=session,
+                owner=self.path,
+                owner_kind="lock file",
+                since=since,
+            )
+        ]
 
     def unlock(self, *, owner: str | None, force: bool) -> list[Holder]:
         raise cannot_unlock(

@@ -138,7 +138,10 @@ def _holder(owner: int, row: Any, *, waiting: bool) -> Holder:
         session=f"connection {owner}",
         session_id=owner,
         owner=str(row["USER"]),
+        owner_kind="user",
         client=host or None,
-        since=datetime.now(UTC) - timedelta(seconds=int(row["TIME"] or 0)),
-        since_is_last_activity=not waiting,
+        # a holder is idle since it last checked the lock; a waiter's TIME restarts with each
+        # GET_LOCK slice, so it says nothing about how long it has waited
+        since=None if waiting else datetime.now(UTC) - timedelta(seconds=int(row["TIME"] or 0)),
+        since_is_last_activity=True,
     )

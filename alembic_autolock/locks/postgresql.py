@@ -228,6 +228,7 @@ def _holder(row: Any, *, waiting: bool | None = None) -> Holder:
         session=f"pid {row['pid']}",
         session_id=int(row["pid"]),
         owner=row["application_name"] or None,
+        owner_kind="application_name",
         client=row["client"] or "local socket",
         since=since,
     )

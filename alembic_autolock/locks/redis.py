@@ -207,7 +207,6 @@ class RedisLock:
         return [
             Holder(
                 backend="redis",
-                session=f"owner {text}",
                 owner=text,
                 ttl_s=ttl_ms / 1000 if ttl_ms and ttl_ms > 0 else None,
             )
