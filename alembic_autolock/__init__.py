@@ -6,7 +6,7 @@
     ensure_migrated(engine)   # exactly one process migrates; the others wait and go on
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from ._lazy import install
 from ._runner import (
@@ -32,10 +32,17 @@ from .exceptions import (
 )
 from .locks import Holder
 
-try:
-    __version__ = version("alembic-autolock")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":  # read from the installed metadata only when asked for
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version("alembic-autolock")
+        except PackageNotFoundError:  # a source tree that was never installed
+            return "0+unknown"
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AutolockError",

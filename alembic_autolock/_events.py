@@ -6,14 +6,17 @@ has not, they go to the stdlib logger ``alembic_autolock`` (so an unconfigured a
 ``alembic upgrade --sql``, never gets events printed on stdout); the message is
 ``event key=value ...`` and the fields are also on the record as ``autolock_event`` and
 ``autolock_fields``.
+
+structlog itself is only touched if the application imported it: an application that does not
+use structlog cannot have configured it, and does not pay for importing it.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
-import structlog
 from sqlalchemy.engine import URL, make_url
 
 LOGGER_NAME = "alembic_autolock"
@@ -41,31 +44,29 @@ GATE_CLOSED = "gate.closed"
 _stdlib_logger = logging.getLogger(LOGGER_NAME)
 
 
-def _to_stdlib(
-    logger: Any, method_name: str, event_dict: structlog.typing.EventDict
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    event = str(event_dict.pop("event", ""))
-    fields = dict(event_dict)
-    text = " ".join([event, *(f"{k}={v}" for k, v in fields.items())])
-    return (text,), {"extra": {"autolock_event": event, "autolock_fields": fields}}
+_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
-_fallback = structlog.wrap_logger(
-    _stdlib_logger,
-    processors=[_to_stdlib],
-    wrapper_class=structlog.stdlib.BoundLogger,
-)
-
-
-def logger() -> Any:
-    """The logger to emit an event on; see the module docstring."""
-    if structlog.is_configured():
-        return structlog.stdlib.get_logger(LOGGER_NAME)
-    return _fallback
+def _structlog_logger() -> Any:
+    """The application's structlog logger, if it configured structlog; else None."""
+    structlog = sys.modules.get("structlog")
+    if structlog is None or not structlog.is_configured():
+        return None
+    return structlog.stdlib.get_logger(LOGGER_NAME)
 
 
 def emit(event: str, level: str = "info", **fields: Any) -> None:
-    getattr(logger(), level)(event, **fields)
+    """Emit one event (see the module docstring for where it goes)."""
+    structured = _structlog_logger()
+    if structured is not None:
+        getattr(structured, level)(event, **fields)
+        return
+    levelno = _LEVELS[level]
+    if _stdlib_logger.isEnabledFor(levelno):
+        text = " ".join([event, *(f"{k}={v}" for k, v in fields.items())])
+        _stdlib_logger.log(
+            levelno, text, extra={"autolock_event": event, "autolock_fields": fields}
+        )
 
 
 def mask_url(url: str | URL) -> str:

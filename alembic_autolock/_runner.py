@@ -127,6 +127,8 @@ def ensure_migrated(
     any setting (see docs/configuration.md).
     """
     started = time.perf_counter()
+    # The prepared run (config, settings, scripts) is kept for the life of the process, keyed by
+    # the arguments; only the database's answer expires (cache_ttl).
     try:
         memo: Any = (id(engine), config, tuple(sorted(settings.items())) if settings else ())
         plan = _state.plans.get(memo)
@@ -136,11 +138,12 @@ def ensure_migrated(
         entry = _state.heads.get(plan.cache_key)
         if entry is not None and entry[0] > time.monotonic():
             return MigrationResult("cached", (), entry[1], 0.0, time.perf_counter() - started)
-    plan = prepare(engine, config, settings)
-    if memo is not None and plan.settings.cache_ttl > 0:
-        if len(_state.plans) >= _state.MAX_PLANS:  # an app that makes engine after engine
-            _state.plans.clear()
-        _state.plans[memo] = plan
+    else:
+        plan = prepare(engine, config, settings)
+        if memo is not None:
+            if len(_state.plans) >= _state.MAX_PLANS:  # an app that makes engine after engine
+                _state.plans.clear()
+            _state.plans[memo] = plan
     s = plan.settings
     if s.mode == "off":
         events.emit(events.MODE_OFF, database=plan.masked_url, environment=s.environment)

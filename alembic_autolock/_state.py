@@ -6,6 +6,8 @@
   location and version table, each with the monotonic time it stops being trusted.
 * ``process_locks``: one lock per namespace, so that two threads of one process never run
   Alembic against the same database at once.
+* ``lock_engines``, ``side_engines``, ``redis_clients``: what lock connections are made from
+  (per lock_url, per application engine, per Redis URL), built once per process.
 
 ``reset()`` empties all of it; tests call it before each test. After ``fork()`` the child starts
 with empty state (a lock held by a parent thread must not be inherited as held).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Any
 
 MAX_PLANS = 256
@@ -23,6 +26,8 @@ heads: dict[Any, tuple[float, tuple[str, ...]]] = {}
 process_locks: dict[str, threading.Lock] = {}
 process_lock_owners: dict[str, tuple[int | None, str]] = {}
 lock_engines: dict[str, Any] = {}
+side_engines: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+redis_clients: dict[str, Any] = {}
 registry_lock = threading.Lock()
 
 
@@ -39,6 +44,8 @@ def _after_fork() -> None:
     process_locks.clear()
     process_lock_owners.clear()
     lock_engines.clear()
+    side_engines.clear()
+    redis_clients.clear()  # their sockets belong to the parent
     registry_lock = threading.Lock()
 
 

@@ -35,12 +35,24 @@ def lock_engine_for(lock_url: str | None) -> Engine | None:
         return lock_engine
 
 
+def side_engine_for(engine: Engine) -> Engine:
+    """An engine that makes connections exactly as ``engine`` does (same creator, connect
+    arguments and pool events) from a pool of its own, so that taking a lock connection never
+    takes a connection out of the application's pool. One per application engine."""
+    with _state.registry_lock:
+        side = _state.side_engines.get(engine)
+        if side is None:
+            side = create_engine(engine.url, pool=engine.pool.recreate())
+            _state.side_engines[engine] = side
+        return side
+
+
 def open_side_connection(
     engine: Engine, lock_engine: Engine | None = None, tag: str | None = None
 ) -> Connection:
     """A connection outside the application's pool, in AUTOCOMMIT; on PostgreSQL named ``tag``
     in pg_stat_activity."""
-    conn = (lock_engine or engine).connect()
+    conn = (lock_engine or side_engine_for(engine)).connect()
     try:
         conn.execution_options(isolation_level="AUTOCOMMIT")
         if lock_engine is None:

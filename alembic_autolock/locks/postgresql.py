@@ -51,15 +51,23 @@ _HOLDERS_SQL = text(
 # OFFSET 0 fences the subquery: "already" is read before pg_try_advisory_lock runs. A fresh
 # session can only already hold the lock if it is shared with another client, which is what a
 # transaction-pooling proxy (PgBouncer) does.
+# One round trip per attempt. The innermost query (fenced by OFFSET 0) reads whether this
+# session *already* holds the lock, then the lock is tried, then the session is named for
+# pg_stat_activity: autolock:lock:... if it got the lock, autolock:wait:... if not.
 _TRY_SQL = text(
     """
-    SELECT s.already, pg_try_advisory_lock(:key) AS got, s.pid
-    FROM (SELECT EXISTS (SELECT 1 FROM pg_locks
-                         WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted
-                           AND objsubid = 1
-                           AND ((classid::bigint << 32) | objid::bigint) = :key) AS already,
-                 pg_backend_pid() AS pid
-          OFFSET 0) s
+    SELECT t.already, t.got, t.pid,
+           set_config('application_name',
+                      CASE WHEN t.got THEN :lock_name ELSE :wait_name END, false) AS named
+    FROM (SELECT s.already, pg_try_advisory_lock(:key) AS got, s.pid
+          FROM (SELECT EXISTS (SELECT 1 FROM pg_locks
+                               WHERE locktype = 'advisory' AND pid = pg_backend_pid()
+                                 AND granted AND objsubid = 1
+                                 AND ((classid::bigint << 32) | objid::bigint) = :key)
+                         AS already,
+                       pg_backend_pid() AS pid
+                OFFSET 0) s
+          OFFSET 0) t
     """
 )
 
@@ -90,7 +98,6 @@ _WAITERS_SQL = text(
     """
 )
 
-_SET_NAME_SQL = text("SELECT set_config('application_name', :name, false)")
 _UNLOCK_SQL = text("SELECT pg_advisory_unlock(:key)")
 
 
@@ -111,16 +118,15 @@ class PostgresLock(SessionLock):
         self._held = False
         self._pid = None
 
-    def _connection(self) -> Connection:
-        if self._conn is None:
-            self._conn = open_side_connection(self.engine, self._lock_engine, self._tag("wait"))
-        return self._conn
-
     def acquire(self, timeout: float) -> bool:
-        conn = self._connection()
+        if self._conn is None:
+            self._conn = open_side_connection(self.engine, self._lock_engine)
+        conn = self._conn
+        wait_name = self._tag("wait")  # carries the time the wait began
         backoff = Backoff(timeout)
         while True:
-            row = conn.execute(_TRY_SQL, {"key": self.key}).one()
+            params = {"key": self.key, "lock_name": self._tag("lock"), "wait_name": wait_name}
+            row = conn.execute(_TRY_SQL, params).one()
             if row.got and row.already:
                 conn.execute(_UNLOCK_SQL, {"key": self.key})
                 raise ConfigError(
@@ -134,7 +140,6 @@ class PostgresLock(SessionLock):
                 self._pid = int(row.pid)
                 if self._lock_engine is None:
                     self._refuse_shared_session(conn)
-                conn.execute(_SET_NAME_SQL, {"name": self._tag("lock")})
                 return True
             if not backoff.sleep():
                 return False

@@ -113,9 +113,17 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{program}:{os.urandom(4).hex()}"
 
 
-def make_client(url: str) -> Any:
-    """A client whose socket timeout bounds one round trip (we never block in Redis)."""
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+def client_for(url: str) -> Any:
+    """The process's client for ``url`` (its connection pool is reused across locks); its socket
+    timeout bounds one round trip, since we never block in Redis."""
+    from .. import _state
+
+    with _state.registry_lock:
+        client = _state.redis_clients.get(url)
+        if client is None:
+            client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+            _state.redis_clients[url] = client
+        return client
 
 
 class RedisLock:
@@ -126,7 +134,7 @@ class RedisLock:
         self.namespace = namespace
         self.key = key_name(namespace)
         self.ttl = max(2, math.ceil(ttl))
-        self._client = make_client(url)
+        self._client = client_for(url)
         self._lock: _RenewingLock | None = None
 
     def _new_lock(self) -> _RenewingLock:
@@ -175,8 +183,6 @@ class RedisLock:
                 lock.release()  # stops the renewer, then deletes the key if it is still ours
         except (redis_lock.NotAcquired, redis.RedisError):
             pass  # expired, taken or unreachable: lost() has already said so before each step
-        finally:
-            self._client.close()
 
     def lost(self) -> str | None:
         lock = self._lock
