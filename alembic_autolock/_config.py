@@ -14,17 +14,32 @@ from .exceptions import ConfigError
 ConfigLike = str | os.PathLike[str] | Config | None
 
 
-def _has_tool_table(path: Path) -> bool:
-    """Whether ``path`` holds [tool.alembic] or [tool.alembic_autolock]; a file that is not
-    valid TOML is an error rather than silently ignored settings."""
+def tool_tables(path: Path) -> dict[str, Any] | None:
+    """The ``[tool]`` table of a TOML file (None if there is no such file), parsed once per
+    process for each version of the file. A file that is not valid TOML is an error rather than
+    silently ignored settings."""
     try:
-        with path.open("rb") as f:
-            tool = tomllib.load(f).get("tool", {})
+        stat = path.stat()
     except FileNotFoundError:
-        return False
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML ({exc}); fix it, or move it away") from exc
-    return "alembic" in tool or "alembic_autolock" in tool
+        return None
+    key = (str(path.absolute()), stat.st_mtime_ns, stat.st_size)
+    cached = _toml_cache.get(key)
+    if cached is None:
+        try:
+            with path.open("rb") as f:
+                tool = tomllib.load(f).get("tool", {})
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML ({exc}); fix it, or move it away") from exc
+        cached = _toml_cache[key] = tool if isinstance(tool, dict) else {}
+    return cached
+
+
+_toml_cache: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
+def _has_tool_table(path: Path) -> bool:
+    tool = tool_tables(path)
+    return tool is not None and ("alembic" in tool or "alembic_autolock" in tool)
 
 
 def load_config(config: ConfigLike, *, environ: os._Environ[str] | dict[str, str]) -> Config:
@@ -87,12 +102,9 @@ def config_sections(cfg: Config) -> tuple[dict[str, Any], str | None, dict[str, 
     toml_label = None
     if cfg.toml_file_name is not None:
         path = Path(cfg.toml_file_name)
-        if path.is_file():
-            try:
-                with path.open("rb") as f:
-                    table = tomllib.load(f).get("tool", {}).get("alembic_autolock", {})
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+        tool = tool_tables(path)
+        if tool is not None:
+            table = tool.get("alembic_autolock", {})
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: [tool.alembic_autolock] must be a table")
             toml = dict(table)

@@ -51,20 +51,20 @@ _HOLDERS_SQL = text(
 # OFFSET 0 fences the subquery: "already" is read before pg_try_advisory_lock runs. A fresh
 # session can only already hold the lock if it is shared with another client, which is what a
 # transaction-pooling proxy (PgBouncer) does.
-# One round trip per attempt. The innermost query (fenced by OFFSET 0) reads whether this
-# session *already* holds the lock, then the lock is tried, then the session is named for
-# pg_stat_activity: autolock:lock:... if it got the lock, autolock:wait:... if not.
+# One round trip per attempt. The innermost query (fenced by OFFSET 0) reads this server
+# session's marker setting: a fresh session never has it, so if it is set, another client that
+# holds (or held without releasing) the lock shares this session, which is what a
+# transaction-pooling proxy (PgBouncer) does. Then the lock is tried; on success the marker is
+# set; and the session is named for pg_stat_activity: autolock:lock:... or autolock:wait:...
+# (A custom setting costs nothing to read; pg_locks costs a catalog warm-up on a new session.)
 _TRY_SQL = text(
     """
     SELECT t.already, t.got, t.pid,
            set_config('application_name',
-                      CASE WHEN t.got THEN :lock_name ELSE :wait_name END, false) AS named
+                      CASE WHEN t.got THEN :lock_name ELSE :wait_name END, false) AS named,
+           CASE WHEN t.got THEN set_config(:marker, '1', false) END AS marked
     FROM (SELECT s.already, pg_try_advisory_lock(:key) AS got, s.pid
-          FROM (SELECT EXISTS (SELECT 1 FROM pg_locks
-                               WHERE locktype = 'advisory' AND pid = pg_backend_pid()
-                                 AND granted AND objsubid = 1
-                                 AND ((classid::bigint << 32) | objid::bigint) = :key)
-                         AS already,
+          FROM (SELECT coalesce(current_setting(:marker, true), '') = '1' AS already,
                        pg_backend_pid() AS pid
                 OFFSET 0) s
           OFFSET 0) t
@@ -98,7 +98,8 @@ _WAITERS_SQL = text(
     """
 )
 
-_UNLOCK_SQL = text("SELECT pg_advisory_unlock(:key)")
+_UNLOCK_SQL = text("SELECT pg_advisory_unlock(:key), set_config(:marker, '', false)")
+_UNLOCK_KEEP_MARKER_SQL = text("SELECT pg_advisory_unlock(:key)")
 
 
 class PostgresLock(SessionLock):
@@ -109,10 +110,11 @@ class PostgresLock(SessionLock):
         super().__init__(engine, namespace, lock_url=lock_url)
         self.key = advisory_key(namespace)
         self.key_hint = f"{self.key & 0xFFFFFFFF:08x}"
+        self.marker = f"autolock.held_{self.key_hint}"
         self._pid: int | None = None
 
     def _unlock_params(self) -> dict[str, Any]:
-        return {"key": self.key}
+        return {"key": self.key, "marker": self.marker}
 
     def _forget(self) -> None:
         self._held = False
@@ -125,10 +127,15 @@ class PostgresLock(SessionLock):
         wait_name = self._tag("wait")  # carries the time the wait began
         backoff = Backoff(timeout)
         while True:
-            params = {"key": self.key, "lock_name": self._tag("lock"), "wait_name": wait_name}
+            params = {
+                "key": self.key,
+                "marker": self.marker,
+                "lock_name": self._tag("lock"),
+                "wait_name": wait_name,
+            }
             row = conn.execute(_TRY_SQL, params).one()
-            if row.got and row.already:
-                conn.execute(_UNLOCK_SQL, {"key": self.key})
+            if row.got and row.already:  # undo our re-entrant grant; the marker is theirs
+                conn.execute(_UNLOCK_KEEP_MARKER_SQL, {"key": self.key})
                 raise ConfigError(
                     "the PostgreSQL lock connection shares its server session (pid "
                     f"{row.pid}) with another client that already holds the migration lock. "
@@ -157,7 +164,7 @@ class PostgresLock(SessionLock):
             pid = probe.execute(text("SELECT pg_backend_pid()")).scalar_one()
         if pid != self._pid:
             return
-        conn.execute(_UNLOCK_SQL, {"key": self.key})
+        conn.execute(_UNLOCK_SQL, self._unlock_params())
         self._forget()
         raise ConfigError(
             f"the PostgreSQL lock was taken in server session (pid {pid}), and the "
