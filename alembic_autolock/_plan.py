@@ -25,6 +25,7 @@ from ._config import ConfigLike, load_config, script_location
 from ._events import mask_url
 from ._settings import Settings, resolve_settings
 from .exceptions import ConfigError, DatabaseUnavailable
+from .locks.file import sqlite_path
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,9 @@ class Plan:
     namespace: str
     masked_url: str
     engine_ref: weakref.ReferenceType[Engine]
+    # an in-memory SQLite database: one connection that threads take turns on, so even the
+    # first look happens under the (process-local) lock
+    process_local: bool = False
 
 
 def derive_namespace(settings: Settings, engine: Engine) -> str:
@@ -50,8 +54,6 @@ def derive_namespace(settings: Settings, engine: Engine) -> str:
     url = engine.url
     database = url.database or url.username or ""
     if url.get_backend_name() == "sqlite" and database not in ("", ":memory:"):
-        from .locks.file import sqlite_path
-
         database = sqlite_path(url) or database
     return (
         f"alembic_autolock:{database}:{settings.version_table_schema or ''}:"
@@ -105,6 +107,7 @@ def prepare(engine: Engine, config: ConfigLike, overrides: Mapping[str, Any]) ->
         namespace=derive_namespace(settings, engine),
         masked_url=masked,
         engine_ref=weakref.ref(engine),
+        process_local=engine.dialect.name == "sqlite" and sqlite_path(engine.url) is None,
     )
 
 

@@ -149,6 +149,8 @@ def ensure_migrated(
         events.emit(events.MODE_OFF, database=plan.masked_url, environment=s.environment)
         return MigrationResult("skipped", elapsed_s=time.perf_counter() - started)
 
+    if plan.process_local and s.mode == "upgrade":
+        return _migrate(engine, plan, "heads", upgrade=True, started=started, second_look=True)
     heads = read_heads(engine, s, plan.masked_url)
     if frozenset(heads) == plan.script_heads:
         _remember(plan, heads)
