@@ -3,6 +3,7 @@ holders and unlock: real Redis, real MariaDB, real PostgreSQL, real processes.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -451,3 +452,38 @@ def test_lock_none_never_terminates_another_migrator(
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_holders_on_mysql_and_redis(
+    target: tuple[str, dict[str, Any]],
+    make_ini: Any,
+    make_engine: Any,
+    trace: Any,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`holders --json` names the MySQL holder (connection, user, host) and a waiter blocked
+    in GET_LOCK; for Redis the owner id (host:pid:program) and the remaining TTL."""
+    url, settings = target
+    ini = make_ini(url, **{**settings, "lock_ttl": 30} if settings else {})
+    waiter = None
+    with holder_hanging_in(ini, url, trace, "r1") as holder:
+        if not settings:  # MySQL: a waiter shows in PROCESSLIST while it waits
+            waiter = start_worker(ini, url, "--setting", "timeout=30")
+            engine = make_engine(url)
+            assert wait_for(lambda: len(lock_holders(engine, config=ini)[2]) == 2, 20)
+        assert main(["-c", ini, "holders", "--json"]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        if waiter is not None:
+            waiter.kill()
+            waiter.wait()
+    held = [h for h in doc["holders"] if not h["waiting"]]
+    assert len(held) == 1
+    if settings:
+        assert doc["backend"] == "redis"
+        assert f":{holder.pid}:worker.py:" in held[0]["owner"]
+        assert 0 < held[0]["ttl_s"] <= 30
+    else:
+        assert doc["backend"] == "mysql"
+        assert held[0]["session"].startswith("connection ")
+        assert (held[0]["owner"], held[0]["client"].split(":")[0]) == ("root", "127.0.0.1")
+        assert [h["waiting"] for h in doc["holders"]] == [False, True]
