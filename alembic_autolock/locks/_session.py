@@ -1,9 +1,11 @@
 """What the PostgreSQL and MySQL backends share: a lock owned by a dedicated database session.
 
-The lock connection is checked out of the application's engine and immediately detached from
-its pool (so it never returns to the pool still holding the lock, and does not count against the
-pool size), switched to AUTOCOMMIT (so it sits idle, not idle in a transaction), and closed after
-release. With ``lock_url`` it comes from a dedicated NullPool engine for that URL instead.
+The lock connection is made exactly as the application's engine makes connections (same
+creator, connect arguments, dialect and pool events) but from a pool of its own, so it never
+takes a connection out of the application's pool. It is detached from that pool at once (so it
+never returns to a pool still holding the lock), switched to AUTOCOMMIT (so it sits idle, not
+idle in a transaction), and closed after release. With ``lock_url`` it comes from a dedicated
+NullPool engine for that URL instead.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ def side_engine_for(engine: Engine) -> Engine:
     with _state.registry_lock:
         side = _state.side_engines.get(engine)
         if side is None:
-            side = create_engine(engine.url, pool=engine.pool.recreate())
+            # The recreated pool carries the engine's pool events (the dialect's per-connection
+            # setup among them); sharing the dialect, rather than create_engine(), adds none.
+            side = Engine(engine.pool.recreate(), engine.dialect, engine.url)
             _state.side_engines[engine] = side
         return side
 

@@ -1,11 +1,11 @@
 """MySQL and MariaDB: a user-level lock (``GET_LOCK``) on a dedicated connection.
 
-As for PostgreSQL, the lock connection is taken from the application's engine, detached from
-its pool, and closed after release; the server frees a user-level lock when its session ends,
-so a dead holder never blocks anyone for longer than it takes the server to notice the closed
-socket. A waiter blocks in the server in slices of at most 0.25 s (``GET_LOCK(name, slice)``;
-fractional timeouts are honoured), so it wakes as soon as the lock is released, a sub-second
-timeout is exact, and while it waits it is visible in PROCESSLIST (state "User lock").
+As for PostgreSQL, the lock connection is made like the application's connections, outside its
+pool, and closed after release (``_session.py``); the server frees a user-level lock when its
+session ends, so a dead holder never blocks anyone for longer than it takes the server to notice
+the closed socket. A waiter blocks in the server in slices of at most 0.25 s (``GET_LOCK(name,
+slice)``; fractional timeouts are honoured), so it wakes as soon as the lock is released, a sub-
+second timeout is exact, and while it waits it is visible in PROCESSLIST (state "User lock").
 
 Lock names are limited to 64 characters and are server-wide (not per database), so the name is
 ``autolock:`` and a hash of the namespace (which includes the database name).

@@ -1,12 +1,11 @@
 """PostgreSQL: a session advisory lock on a dedicated connection.
 
-The lock connection is checked out of the application's engine and immediately detached from
-its pool (so it never returns to the pool still holding the lock, and it does not count against
-the pool size), switched to AUTOCOMMIT (so it sits ``idle``, not ``idle in transaction``), and
-tagged through ``application_name`` so that ``pg_stat_activity`` names the holder. It is closed
-after release. The lock is taken by polling ``pg_try_advisory_lock`` with jittered backoff: a
-waiter never blocks inside the server, so a timeout is exact and a dead waiter leaves nothing
-behind. When the holder dies, PostgreSQL ends its session and the lock is free at once.
+The lock connection (see ``_session.py``: made like the application's connections, outside its
+pool, AUTOCOMMIT, closed after release) is tagged through ``application_name`` so that
+``pg_stat_activity`` names the holder (``autolock:lock:...``) and its waiters
+(``autolock:wait:...``). The lock is taken by polling ``pg_try_advisory_lock`` with jittered
+backoff: a waiter never blocks inside the server, so a timeout is exact and a dead waiter leaves
+nothing behind. When the holder dies, PostgreSQL ends its session and the lock is free at once.
 
 With ``lock_url`` the lock connection goes to that URL instead (for PgBouncer in transaction
 pooling mode: point lock_url at PostgreSQL directly or at a session-mode pool).
