@@ -223,7 +223,6 @@ class RunContext:
     """What ensure_migrated/upgrade/downgrade hand to env.py through ``config.attributes``."""
 
     settings: Settings
-    tracker: Tracker
     connection: Connection
 
 
@@ -266,7 +265,7 @@ def run_alembic(
             sessions.tag(conn, namespace)
         tracker.connection = conn
         run_cfg.attributes["connection"] = conn
-        run_cfg.attributes[RUN_KEY] = RunContext(settings, tracker, conn)
+        run_cfg.attributes[RUN_KEY] = RunContext(settings, conn)
         try:
             with (
                 keep_loggers_enabled(),

@@ -8,8 +8,7 @@ own connection, never the one Alembic migrates on.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from alembic.script.revision import ResolutionError
@@ -65,7 +64,6 @@ class Status:
     database: str = ""
     mode: str = "upgrade"
     environment: str = "development"
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def ahead(self) -> bool:
