@@ -113,11 +113,11 @@ def test_sub_second_timeout_is_honoured(
 def test_redis_wait_longer_than_socket_timeout(
     pg_url: str, redis_url: str, redis_ns: str, make_ini: Any, make_engine: Any, trace: Any
 ) -> None:
-    """A waiter that waits 6 s (past redis-py 8's default 5 s socket timeout) gets the lock
+    """A waiter that waits 7 s (past redis-py 8's default 5 s socket timeout) gets the lock
     when the holder finishes, instead of a TimeoutError."""
     ini = make_ini(pg_url, lock=redis_url, namespace=redis_ns)
     proc = start_worker(
-        ini, pg_url, env=worker_env(AUTOLOCK_TEST_SLEEP="1.2", AUTOLOCK_TEST_TRACE=str(trace.path))
+        ini, pg_url, env=worker_env(AUTOLOCK_TEST_SLEEP="1.5", AUTOLOCK_TEST_TRACE=str(trace.path))
     )
     assert wait_for(lambda: trace.bodies() != [], 30)
     result = ensure_migrated(make_engine(pg_url), config=ini, timeout=20)
