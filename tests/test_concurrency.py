@@ -105,14 +105,8 @@ def test_killed_holder_does_not_block_the_next_process(
     assert trace.bodies() == ["r1", "r2", "r3", "r3", "r4", "r5"]
 
 
-def test_two_threads_of_one_process(
-    pg_url: str, make_ini: Any, make_engine: Any, trace: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Two threads calling ensure_migrated at once: one migrates, the other waits and finds
-    the database at head."""
-    monkeypatch.setenv("AUTOLOCK_TEST_SLEEP", "0.05")
-    engine = make_engine(pg_url)
-    ini = make_ini(pg_url)
+def in_two_threads(engine: Any, ini: str) -> list[Any]:
+    """ensure_migrated from two threads released together; their results."""
     barrier = threading.Barrier(2)
     results: list[Any] = []
 
@@ -125,6 +119,16 @@ def test_two_threads_of_one_process(
         t.start()
     for t in threads:
         t.join(60)
+    return results
+
+
+def test_two_threads_of_one_process(
+    pg_url: str, make_ini: Any, make_engine: Any, trace: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two threads calling ensure_migrated at once: one migrates, the other waits and finds
+    the database at head."""
+    monkeypatch.setenv("AUTOLOCK_TEST_SLEEP", "0.05")
+    results = in_two_threads(make_engine(pg_url), make_ini(pg_url))
     assert sorted(r.action for r in results) == ["current", "upgraded"]
     assert trace.bodies() == ALL_REVS
 
@@ -159,19 +163,7 @@ def test_sqlite_in_memory_threads(make_ini: Any, trace: Any) -> None:
     engine = create_engine(
         "sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False}
     )
-    ini = make_ini("sqlite://")
-    barrier = threading.Barrier(2)
-    results: list[Any] = []
-
-    def run() -> None:
-        barrier.wait()
-        results.append(ensure_migrated(engine, config=ini))
-
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = in_two_threads(engine, make_ini("sqlite://"))
     assert sorted(r.action for r in results) == ["current", "upgraded"]
     assert trace.bodies() == ALL_REVS
     with engine.connect() as conn:

@@ -46,6 +46,21 @@ def advisory_locks(url: str) -> int:
         engine.dispose()
 
 
+def environment_with(tmp_path: Path, url: str, env_py: str, ini_extra: str = "") -> str:
+    """An alembic.ini for the test revisions with an env.py of the test's own; its path."""
+    env_dir = tmp_path / "env"
+    (env_dir / "versions").mkdir(parents=True)
+    for f in (MIGRATIONS / "versions").glob("r*.py"):
+        (env_dir / "versions" / f.name).write_text(f.read_text())
+    (env_dir / "env.py").write_text(env_py)
+    ini = tmp_path / "alembic.ini"
+    ini.write_text(
+        f"[alembic]\nscript_location = {env_dir}\nprepend_sys_path = {MIGRATIONS}\n"
+        f"path_separator = os\nsqlalchemy.url = {url}\n\n{ini_extra}"
+    )
+    return str(ini)
+
+
 def test_upgrades_an_empty_database_once(
     pg_url: str, make_ini: Any, make_engine: Any, trace: Any
 ) -> None:
@@ -303,27 +318,21 @@ def test_env_py_that_ignores_the_connection_is_refused(
 ) -> None:
     """An env.py that opens its own connection would migrate some other database: refused
     before any revision runs."""
-    env_dir = tmp_path / "env"
-    (env_dir / "versions").mkdir(parents=True)
-    for f in (MIGRATIONS / "versions").glob("r*.py"):
-        (env_dir / "versions" / f.name).write_text(f.read_text())
-    (env_dir / "env.py").write_text(
-        "from alembic import context\n"
-        "from sqlalchemy import create_engine\n"
-        "url = context.config.get_main_option('sqlalchemy.url')\n"
-        "with create_engine(url).connect() as conn:\n"
-        "    context.configure(connection=conn)\n"
-        "    with context.begin_transaction():\n"
-        "        context.run_migrations()\n"
-    )
-    ini = tmp_path / "alembic.ini"
-    ini.write_text(
-        f"[alembic]\nscript_location = {env_dir}\nprepend_sys_path = {MIGRATIONS}\n"
-        "path_separator = os\n"
-        f"sqlalchemy.url = {pg_url}\n"
+    ini = environment_with(
+        tmp_path,
+        pg_url,
+        (
+            "from alembic import context\n"
+            "from sqlalchemy import create_engine\n"
+            "url = context.config.get_main_option('sqlalchemy.url')\n"
+            "with create_engine(url).connect() as conn:\n"
+            "    context.configure(connection=conn)\n"
+            "    with context.begin_transaction():\n"
+            "        context.run_migrations()\n"
+        ),
     )
     with pytest.raises(ConfigError, match="its own connection.*nothing was applied"):
-        ensure_migrated(make_engine(pg_url), config=str(ini))
+        ensure_migrated(make_engine(pg_url), config=ini)
     assert heads_of(pg_url) == set()
 
 
@@ -332,30 +341,26 @@ def test_stock_env_py_logging_does_not_silence_the_app(
 ) -> None:
     """Alembic's stock env.py calls fileConfig(), which disables existing loggers; an app's
     loggers are enabled again afterwards."""
-    env_dir = tmp_path / "env"
-    (env_dir / "versions").mkdir(parents=True)
-    for f in (MIGRATIONS / "versions").glob("r*.py"):
-        (env_dir / "versions" / f.name).write_text(f.read_text())
-    (env_dir / "env.py").write_text(
-        "from logging.config import fileConfig\n"
-        "from alembic import context\n"
-        "fileConfig(context.config.config_file_name)\n"
-        "conn = context.config.attributes['connection']\n"
-        "context.configure(connection=conn, transaction_per_migration=True)\n"
-        "with context.begin_transaction():\n"
-        "    context.run_migrations()\n"
-    )
-    ini = tmp_path / "alembic.ini"
-    ini.write_text(
-        f"[alembic]\nscript_location = {env_dir}\nprepend_sys_path = {MIGRATIONS}\n"
-        "path_separator = os\n"
-        f"sqlalchemy.url = {pg_url}\n\n"
-        "[loggers]\nkeys = root\n[handlers]\nkeys = h\n[formatters]\nkeys = f\n"
-        "[logger_root]\nlevel = WARNING\nhandlers = h\n"
-        "[handler_h]\nclass = NullHandler\nargs = ()\nformatter = f\n[formatter_f]\n"
+    ini = environment_with(
+        tmp_path,
+        pg_url,
+        (
+            "from logging.config import fileConfig\n"
+            "from alembic import context\n"
+            "fileConfig(context.config.config_file_name)\n"
+            "conn = context.config.attributes['connection']\n"
+            "context.configure(connection=conn, transaction_per_migration=True)\n"
+            "with context.begin_transaction():\n"
+            "    context.run_migrations()\n"
+        ),
+        (
+            "[loggers]\nkeys = root\n[handlers]\nkeys = h\n[formatters]\nkeys = f\n"
+            "[logger_root]\nlevel = WARNING\nhandlers = h\n"
+            "[handler_h]\nclass = NullHandler\nargs = ()\nformatter = f\n[formatter_f]\n"
+        ),
     )
     app_logger = logging.getLogger("myapp.service")
-    assert ensure_migrated(make_engine(pg_url), config=str(ini)).action == "upgraded"
+    assert ensure_migrated(make_engine(pg_url), config=ini).action == "upgraded"
     assert app_logger.disabled is False
 
 
@@ -364,26 +369,21 @@ def test_uncommitted_env_py_run_is_reported_for_any_target(
 ) -> None:
     """An env.py that lets Alembic's work sit in a transaction nobody commits (a statement ran
     on the connection before configure) is caught after the run, whatever the target."""
-    env_dir = tmp_path / "env"
-    (env_dir / "versions").mkdir(parents=True)
-    for f in (MIGRATIONS / "versions").glob("r*.py"):
-        (env_dir / "versions" / f.name).write_text(f.read_text())
-    (env_dir / "env.py").write_text(
-        "from alembic import context\n"
-        "from sqlalchemy import text\n"
-        "conn = context.config.attributes['connection']\n"
-        "conn.execute(text('SELECT 1'))  # autobegins: Alembic now leaves committing to us\n"
-        "context.configure(connection=conn, transaction_per_migration=True)\n"
-        "with context.begin_transaction():\n"
-        "    context.run_migrations()\n"
-    )
-    ini = tmp_path / "alembic.ini"
-    ini.write_text(
-        f"[alembic]\nscript_location = {env_dir}\nprepend_sys_path = {MIGRATIONS}\n"
-        f"path_separator = os\nsqlalchemy.url = {pg_url}\n"
+    ini = environment_with(
+        tmp_path,
+        pg_url,
+        (
+            "from alembic import context\n"
+            "from sqlalchemy import text\n"
+            "conn = context.config.attributes['connection']\n"
+            "conn.execute(text('SELECT 1'))  # autobegins: Alembic now leaves committing to us\n"
+            "context.configure(connection=conn, transaction_per_migration=True)\n"
+            "with context.begin_transaction():\n"
+            "    context.run_migrations()\n"
+        ),
     )
     with capture_logs() as logs, pytest.raises(MigrationFailed) as info:
-        upgrade(make_engine(pg_url), "r3", config=str(ini))
+        upgrade(make_engine(pg_url), "r3", config=ini)
     err = info.value
     assert (err.revision, err.applied, err.heads) == (None, (), ())
     assert str(err).startswith(
