@@ -28,6 +28,7 @@ from .exceptions import (
     LockTimeout,
     LockUnavailable,
     MigrationFailed,
+    MigrationInterrupted,
     PendingMigrations,
 )
 from .locks import Holder
@@ -55,6 +56,7 @@ __all__ = [
     "LockTimeout",
     "LockUnavailable",
     "MigrationFailed",
+    "MigrationInterrupted",
     "MigrationResult",
     "PendingMigrations",
     "PendingRevision",

@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Any
 
-from sqlalchemy.engine import URL, make_url
+from ._mask import mask_url as mask_url  # re-exported: every module masks through here
 
 LOGGER_NAME = "alembic_autolock"
 
@@ -39,7 +39,12 @@ MIGRATION_STEP = "migration.step"
 MIGRATION_COMPLETED = "migration.completed"
 MIGRATION_FAILED = "migration.failed"
 MIGRATED_BY_OTHER = "migration.done_by_other"
+MIGRATION_INTERRUPTED = "migration.interrupted"
+MIGRATION_RESOLVED = "migration.resolved"
 GATE_CLOSED = "gate.closed"
+ORPHAN_WAITING = "orphan.waiting"
+ORPHAN_GONE = "orphan.gone"
+ORPHAN_TERMINATED = "orphan.terminated"
 
 _stdlib_logger = logging.getLogger(LOGGER_NAME)
 
@@ -67,21 +72,3 @@ def emit(event: str, level: str = "info", **fields: Any) -> None:
         _stdlib_logger.log(
             levelno, text, extra={"autolock_event": event, "autolock_fields": fields}
         )
-
-
-def mask_url(url: str | URL) -> str:
-    """Render a database or Redis URL with its password replaced by ***."""
-    try:
-        parsed = make_url(url) if isinstance(url, str) else url
-    except Exception:  # not an SQLAlchemy URL (e.g. redis://): mask by hand
-        return _mask_generic(str(url))
-    return parsed.render_as_string(hide_password=True)
-
-
-def _mask_generic(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user, colon, _password = creds.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{host}"

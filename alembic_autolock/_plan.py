@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,8 +22,9 @@ from sqlalchemy import column, select, table
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from . import _state
 from ._config import ConfigLike, load_config, script_location
-from ._events import mask_url
+from ._mask import mask_text, mask_url
 from ._settings import Settings, resolve_settings
 from .exceptions import ConfigError, DatabaseUnavailable
 from .locks.file import sqlite_path
@@ -34,7 +36,10 @@ class Plan:
     cfg: Config
     script: ScriptDirectory
     script_heads: frozenset[str]
-    cache_key: tuple[str, str, str | None, str]
+    # the engine (one token per Engine object, so two engines on one URL never share an
+    # answer: another search_path, schema_translate_map or tenant is another engine), the
+    # scripts and the version table
+    cache_key: tuple[int, str, str | None, str]
     namespace: str
     masked_url: str
     engine_ref: weakref.ReferenceType[Engine]
@@ -103,7 +108,12 @@ def prepare(engine: Engine, config: ConfigLike, overrides: Mapping[str, Any]) ->
         cfg=cfg,
         script=script,
         script_heads=heads,
-        cache_key=(masked, script.dir, settings.version_table_schema, settings.version_table),
+        cache_key=(
+            _state.engine_token(engine),
+            script.dir,
+            settings.version_table_schema,
+            settings.version_table,
+        ),
         namespace=derive_namespace(settings, engine),
         masked_url=masked,
         engine_ref=weakref.ref(engine),
@@ -112,54 +122,109 @@ def prepare(engine: Engine, config: ConfigLike, overrides: Mapping[str, Any]) ->
 
 
 @contextmanager
-def connect(engine: Engine, masked_url: str | None = None) -> Iterator[Connection]:
-    """engine.connect(), with a failure to connect turned into DatabaseUnavailable."""
-    try:
-        conn = engine.connect()
-    except DBAPIError as exc:
-        raise unavailable(engine, exc, masked_url) from exc
+def connect(
+    engine: Engine, masked_url: str | None = None, *, deadline: float | None = None
+) -> Iterator[Connection]:
+    """engine.connect(), with a failure to connect turned into DatabaseUnavailable.
+
+    With ``deadline`` (a ``time.monotonic()``), a server that is full ("too many clients", as
+    when a fleet starts at once) is retried with jittered backoff until then."""
+    conn = open_connection(engine, masked_url, deadline=deadline)
     with conn:
         yield conn
 
 
-def unavailable(engine: Engine, exc: DBAPIError, masked_url: str | None = None) -> Exception:
+def open_connection(
+    engine: Engine, masked_url: str | None = None, *, deadline: float | None = None
+) -> Connection:
+    from .locks import Backoff
+
+    backoff = Backoff(0 if deadline is None else max(0.0, deadline - time.monotonic()), 0.05, 1.0)
+    while True:
+        try:
+            return engine.connect()
+        except DBAPIError as exc:
+            if not (_server_full(exc) and backoff.sleep()):
+                raise unavailable(engine, exc, masked_url) from exc
+
+
+def _server_full(exc: DBAPIError) -> bool:
+    text = str(exc.orig).lower()
+    code = getattr(exc.orig, "args", (None,))[:1]
+    return "too many clients" in text or "too many connections" in text or code == (1040,)
+
+
+def unavailable(
+    engine: Engine,
+    exc: DBAPIError,
+    masked_url: str | None = None,
+    *,
+    while_doing: str | None = None,
+) -> DatabaseUnavailable:
     masked = masked_url or mask_url(engine.url)
-    detail = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
-    password = engine.url.password
-    if password:
-        detail = detail.replace(str(password), "***")
+    detail = mask_text(
+        (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0], engine.url
+    )
+    doing = f" while {while_doing}" if while_doing else ""
     return DatabaseUnavailable(
-        f"cannot connect to {masked}: {detail}. Check that the server is running and that the "
-        "URL, user and password are right.",
+        f"cannot connect to {masked}{doing}: {detail}. Nothing was applied. Check that the "
+        "server is running and that the URL, user and password are right.",
         url=masked,
     )
 
 
 def read_heads(
-    engine: Engine, settings: Settings, masked_url: str | None = None
+    engine: Engine,
+    settings: Settings,
+    masked_url: str | None = None,
+    *,
+    deadline: float | None = None,
 ) -> tuple[str, ...]:
-    """The database's current heads, read on a fresh connection that is then closed.
+    """The database's current heads, read on a fresh connection that is then closed."""
+    with connect(engine, masked_url, deadline=deadline) as conn:
+        return heads_on(conn, settings)
 
-    One plain SELECT of the version table (quoted by SQLAlchemy). Only if that fails, as it does
-    on a database that has no version table yet, does Alembic's MigrationContext look (its
-    has_table reflection costs ~10 ms on a new connection, the SELECT well under one).
-    """
-    versions = table(
+
+def _versions(settings: Settings) -> Any:
+    return table(
         settings.version_table, column("version_num"), schema=settings.version_table_schema
     )
-    with connect(engine, masked_url) as conn:
-        try:
+
+
+def heads_on(conn: Connection, settings: Settings) -> tuple[str, ...]:
+    """The heads, read on ``conn``: one plain SELECT of the version table (quoted by
+    SQLAlchemy). Only if that fails, as it does on a database that has no version table yet,
+    does Alembic's MigrationContext look (its has_table reflection costs ~10 ms on a new
+    connection, the SELECT well under one)."""
+    versions = _versions(settings)
+    try:
+        return tuple(sorted(conn.execute(select(versions.c.version_num)).scalars()))
+    except DBAPIError:
+        conn.rollback()
+    ctx = MigrationContext.configure(
+        connection=conn,
+        opts={
+            "version_table": settings.version_table,
+            "version_table_schema": settings.version_table_schema,
+        },
+    )
+    return tuple(sorted(ctx.get_current_heads()))
+
+
+def peek_heads(
+    conn: Connection | None, engine: Engine, settings: Settings
+) -> tuple[str, ...] | None:
+    """The heads for a waiter's look: on ``conn`` (an AUTOCOMMIT connection to the database)
+    or on a short connection of ``engine``; None when they cannot be read right now (no version
+    table yet, the server restarting): the waiter just keeps waiting."""
+    versions = _versions(settings)
+    try:
+        if conn is not None:
             return tuple(sorted(conn.execute(select(versions.c.version_num)).scalars()))
-        except DBAPIError:
-            conn.rollback()
-        ctx = MigrationContext.configure(
-            connection=conn,
-            opts={
-                "version_table": settings.version_table,
-                "version_table_schema": settings.version_table_schema,
-            },
-        )
-        return tuple(sorted(ctx.get_current_heads()))
+        with engine.connect() as own:
+            return tuple(sorted(own.execute(select(versions.c.version_num)).scalars()))
+    except DBAPIError:
+        return None
 
 
 def unknown_heads(script: ScriptDirectory, heads: tuple[str, ...]) -> list[str]:

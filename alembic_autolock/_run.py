@@ -1,19 +1,23 @@
-"""Running Alembic under the lock: progress tracking, the per-revision lock check, the gate, and
-turning failures into errors that say what state the database was left in.
+"""Running Alembic under the lock: the fenced migration session, progress tracking, the
+per-revision lock check, the journal, the gate, and failures that say what state the database
+was left in.
 
 Alembic calls the command's "migrations function" ``fn(heads, context)`` inside
 ``MigrationContext.run_migrations`` and iterates over the steps it returns, running each in its
 own transaction block. :class:`Tracker` wraps that function in a generator, so it sees the plan
 before anything runs (the gate and the connection check happen there, with nothing applied),
-checks the lock before each revision starts, and knows which revision was in progress when
-something raised. A step counts as done only when Alembic asks for the next one, i.e. after its
-transaction block has closed.
+checks the lock before each revision starts, journals each revision that will run outside a
+transaction, and knows which revision was in progress when something raised. A step counts as
+done only when Alembic asks for the next one, i.e. after its transaction block has closed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,15 +26,25 @@ from alembic.script import ScriptDirectory
 from alembic.script.revision import ResolutionError
 from alembic.util import CommandError
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import _events as events
-from . import _sessions as sessions
-from ._plan import ancestors, clone_config, keep_loggers_enabled, read_heads
+from ._journal import Journal
+from ._plan import (
+    ancestors,
+    clone_config,
+    heads_on,
+    keep_loggers_enabled,
+    open_connection,
+    read_heads,
+)
 from ._settings import Settings
-from .exceptions import AutolockError, ConfigError, GateClosed, MigrationFailed
-from .locks import MigrationLock
+from .exceptions import AutolockError, ConfigError, GateClosed, LockLost, MigrationFailed
+from .locks import MigrationLock, ProcessOnlyLock
+from .locks._session import close, open_side_connection
 
 RUN_KEY = "alembic_autolock.run"
+RESOLVE_COMMAND = "alembic-autolock resolve"
 
 MigrationsFn = Callable[[Any, Any], Iterable[Any]]
 
@@ -56,18 +70,41 @@ def gate_downgrade(settings: Settings) -> None:
     )
 
 
+def runs_in_transactions(conn: Connection) -> bool:
+    """Whether revisions on ``conn`` run inside database transactions that a failure or a dead
+    process rolls back entirely: PostgreSQL and SQL Server, on a connection not in AUTOCOMMIT.
+    (MySQL and MariaDB commit each DDL statement; Alembic runs SQLite DDL outside
+    transactions.)"""
+    if conn.dialect.name not in ("postgresql", "mssql"):
+        return False
+    return not autocommit(conn)
+
+
+def autocommit(conn: Connection) -> bool:
+    dbapi = conn.connection.dbapi_connection
+    try:
+        return bool(dbapi is not None and conn.dialect.detect_autocommit_setting(dbapi))
+    except NotImplementedError:
+        return False
+
+
 @dataclass
 class Tracker:
     """Follows one Alembic run. ``done`` lists the revisions whose step finished, in order."""
 
     settings: Settings
     lock: MigrationLock | None
+    journal: Journal | None = None
     connection: Connection | None = None
     plan: list[str] = field(default_factory=list)
     done: list[str] = field(default_factory=list)
     current: str | None = None
     is_upgrade: bool = True
     started_heads: tuple[str, ...] = ()
+    transactional: bool = True
+    # the journal entry of the revision in progress, when it runs outside a transaction
+    entry: int | None = None
+    steps_seen: bool = False
     _step_started: float = 0.0
 
     def wrap(self, fn: MigrationsFn) -> MigrationsFn:
@@ -86,14 +123,19 @@ class Tracker:
             except (CommandError, ResolutionError) as exc:
                 raise ConfigError(f"{exc} (nothing was applied)") from exc
             self.plan = [step_id(s) for s in steps]
+            self.steps_seen = bool(steps)
             self.is_upgrade = all(s.is_upgrade for s in steps)
             if any(not s.is_upgrade and not s.info.is_stamp for s in steps):
                 gate_downgrade(self.settings)
             if steps:
+                self.transactional = runs_in_transactions(context.connection)
+                if self.journal is not None:
+                    self._journal_autocommit_blocks(context)
                 events.emit(
                     events.MIGRATION_STARTED,
                     direction="upgrade" if self.is_upgrade else "downgrade",
-                    revisions=self.plan,
+                    revisions=_summary(self.plan),
+                    count=len(self.plan),
                     from_heads=list(self.started_heads),
                 )
             for step in steps:
@@ -102,11 +144,32 @@ class Tracker:
                     self.lock.check(revision=rev, applied=self.done)
                 self.current = rev
                 self._step_started = time.monotonic()
+                if self.journal is not None and not self.transactional and not step.info.is_stamp:
+                    self.entry = self.journal.start(rev, self.direction)
                 yield step
                 self._finish_current()
             # Alembic asks for the next step only after the last one's transaction closed.
 
         return tracked
+
+    @property
+    def direction(self) -> str:
+        return "upgrade" if self.is_upgrade else "downgrade"
+
+    def _journal_autocommit_blocks(self, context: Any) -> None:
+        """A revision that enters ``autocommit_block()`` runs outside a transaction from there
+        on: journal it before the block starts."""
+        original = context.autocommit_block
+        journal = self.journal
+
+        @contextmanager
+        def journalled() -> Iterator[None]:
+            if journal is not None and self.entry is None and self.current is not None:
+                self.entry = journal.start(self.current, self.direction, "autocommit_block")
+            with original():
+                yield
+
+        context.autocommit_block = journalled
 
     def _finish_current(self) -> None:
         if self.current is None:
@@ -114,15 +177,79 @@ class Tracker:
         events.emit(
             events.MIGRATION_STEP,
             revision=self.current,
-            direction="upgrade" if self.is_upgrade else "downgrade",
+            direction=self.direction,
             duration_s=round(time.monotonic() - self._step_started, 4),
         )
         self.done.append(self.current)
         self.current = None
+        entry, self.entry = self.entry, None
+        if entry is not None and self.journal is not None:
+            # the step is committed: if this write is lost, the next holder finds the
+            # revision in the version table and closes the entry itself
+            self.journal.finish(entry)
+
+    def next_revision(self) -> str | None:
+        """The revision the run would have started next."""
+        rest = self.plan[len(self.done) :]
+        return rest[0] if rest else None
+
+
+def _summary(revisions: list[str], limit: int = 10) -> list[str]:
+    """The revisions of a run for an event: all of them, or the first and last few."""
+    if len(revisions) <= limit:
+        return revisions
+    half = limit // 2
+    return [*revisions[:half], f"... {len(revisions) - limit} more ...", *revisions[-half:]]
 
 
 def describe_heads(heads: tuple[str, ...]) -> str:
     return "revision " + ", ".join(heads) if heads else "no revision (empty version table)"
+
+
+def _truth(
+    tracker: Tracker, script: Any, engine: Engine, settings: Settings, masked_url: str
+) -> tuple[tuple[str, ...] | None, list[str], str]:
+    """The heads after a run stopped, the revisions of the run that stay applied, and a
+    sentence saying so."""
+    try:
+        after = read_heads(engine, settings, masked_url)
+    except Exception as read_exc:  # the state is unknown; say so rather than guess
+        return (
+            None,
+            list(tracker.done),
+            "unknown: the database could not be read after the failure "
+            f"({type(read_exc).__name__}); check it with `alembic current`",
+        )
+    have = ancestors(script, after)
+    if tracker.is_upgrade:
+        applied = [r for r in tracker.done if r in have]
+    else:
+        applied = [r for r in tracker.done if r not in have]
+    if after == tracker.started_heads:
+        state = f"database unchanged at {describe_heads(after)}"
+        if tracker.done:
+            state += f" (what this run did of {', '.join(tracker.done)} was rolled back)"
+    else:
+        state = f"database at {describe_heads(after)}"
+    return after, applied, state
+
+
+def _half_run(tracker: Tracker, engine: Engine) -> str:
+    """What to add to the state when the revision in progress ran outside a transaction."""
+    failed = tracker.current
+    if failed is None or (tracker.transactional and tracker.entry is None):
+        return ""
+    if tracker.journal is not None:
+        return (
+            f"; {failed} ran outside a transaction, so what it did before it stopped is "
+            "committed: the journal records it, and the next run will not re-run it until you "
+            f"say what state it left (`{RESOLVE_COMMAND} {failed} --applied|--not-applied`)"
+        )
+    return (
+        f"; {engine.dialect.name} migrations run without transactional DDL, so DDL statements "
+        f"of {failed} that ran before the error are committed and must be repaired by hand (or "
+        "the revision made idempotent) before retrying"
+    )
 
 
 def failure(
@@ -132,35 +259,28 @@ def failure(
     settings: Settings,
     script: Any,
     masked_url: str,
-) -> MigrationFailed:
-    """A MigrationFailed that says which revision failed and what the database is at now."""
-    try:
-        after: tuple[str, ...] | None = read_heads(engine, settings, masked_url)
-    except Exception as read_exc:  # the state is unknown; say so rather than guess
-        after = None
-        state = (
-            "unknown: the database could not be read after the failure "
-            f"({type(read_exc).__name__}); check it with `alembic current`"
-        )
+) -> AutolockError:
+    """The error that says which revision failed and what the database is at now: LockLost if
+    the lock was lost meanwhile (the failure is most likely its consequence), else
+    MigrationFailed."""
+    lost = tracker.lock.lost() if tracker.lock is not None else None
     failed = tracker.current
-    if after is not None:
-        have = ancestors(script, after)
-        if tracker.is_upgrade:
-            applied = [r for r in tracker.done if r in have]
-        else:
-            applied = [r for r in tracker.done if r not in have]
-        if after == tracker.started_heads:
-            state = f"database unchanged at {describe_heads(after)}"
-        else:
-            state = f"database at {describe_heads(after)}"
-        if not transactional_ddl(engine) and failed is not None:
-            state += (
-                f"; {engine.dialect.name} migrations run without transactional DDL, so DDL "
-                f"statements of {failed} that ran before the error are committed and must be "
-                "repaired by hand (or the revision made idempotent) before retrying"
-            )
-    else:
-        applied = list(tracker.done)
+    if lost is None and tracker.entry is not None and tracker.journal is not None:
+        # if this fails, the journal still says "started": the next run refuses all the same
+        with contextlib.suppress(SQLAlchemyError):
+            tracker.journal.fail(tracker.entry, f"{type(exc).__name__}: {exc}".splitlines()[0])
+    after, applied, state = _truth(tracker, script, engine, settings, masked_url)
+    state += _half_run(tracker, engine)
+    if lost is not None and tracker.lock is not None:
+        error: AutolockError = tracker.lock.lost_error(
+            lost,
+            revision=failed or tracker.next_revision(),
+            applied=applied,
+            state=state,
+            during=failed is not None,
+        )
+        error.__cause__ = exc
+        return error
     events.emit(
         events.MIGRATION_FAILED,
         "error",
@@ -179,12 +299,27 @@ def failure(
     )
 
 
-def transactional_ddl(engine: Engine) -> bool:
-    """Whether Alembic runs DDL inside transactions on this dialect (PostgreSQL, MSSQL: yes;
-    MySQL, MariaDB, SQLite, Oracle: no)."""
-    from alembic.ddl.impl import DefaultImpl
-
-    return bool(DefaultImpl.get_by_dialect(engine.dialect).transactional_ddl)
+def truthful_lost(
+    exc: LockLost,
+    tracker: Tracker,
+    engine: Engine,
+    settings: Settings,
+    script: Any,
+    masked_url: str,
+) -> LockLost:
+    """A LockLost raised before a revision, restated with what the database really shows
+    (with ``transaction = all`` the revisions before it were rolled back with the rest)."""
+    _, applied, state = _truth(tracker, script, engine, settings, masked_url)
+    error = LockLost(
+        backend=exc.backend,
+        namespace=exc.namespace,
+        reason=exc.reason,
+        revision=exc.revision,
+        applied=applied,
+        state=state,
+    )
+    error.__cause__ = exc.__cause__
+    return error
 
 
 def check_persisted(
@@ -224,74 +359,158 @@ class RunContext:
 
     settings: Settings
     connection: Connection
+    target_metadata: Any = None
+
+
+def journal_key(namespace: str) -> str:
+    return hashlib.blake2b(namespace.encode(), digest_size=8).hexdigest()
+
+
+@contextmanager
+def open_journal(
+    lock: MigrationLock, engine: Engine, settings: Settings
+) -> Iterator[Journal | None]:
+    """The journal of ``lock``'s namespace, written on the lock's own session when the lock lives
+    in the database, else on a side connection of ``engine`` (closed afterwards); None where
+    there is none (``lock = none``: others may be migrating; in-memory SQLite)."""
+    if not lock.excludes_others or isinstance(lock.backend, ProcessOnlyLock):
+        yield None
+        return
+    session = lock.backend.session()
+    side: Connection | None = None
+
+    def connection() -> Connection:
+        nonlocal side
+        if session is not None:
+            return session
+        if side is None:
+            side = open_side_connection(engine)
+        return side
+
+    try:
+        yield Journal(
+            connection, key=journal_key(lock.namespace), schema=settings.version_table_schema
+        )
+    finally:
+        if side is not None:
+            close(side)
+
+
+@contextmanager
+def migration_session(
+    lock: MigrationLock,
+    conn: Connection,
+    *,
+    engine: Engine,
+    settings: Settings,
+    script: ScriptDirectory | None,
+    owned: bool,
+) -> Iterator[Journal | None]:
+    """Hold the fence on the migration connection ``conn``, then check the journal (unless
+    ``script`` is None): a revision left half-run raises MigrationInterrupted.
+
+    ``owned``: the library opened ``conn`` (it may name the session); a connection handed over
+    by the caller is left in the state its caller expects. Yields the journal, if any.
+    """
+    with (
+        lock.fenced(conn, wait=settings.orphan_wait, owned=owned),
+        open_journal(lock, engine, settings) as journal,
+    ):
+        if journal is not None and script is not None:
+            # read after the fence: an earlier holder's session may have committed meanwhile
+            have = ancestors(script, heads_on(journal.connection(), settings))
+
+            def applied(revision: str, direction: str) -> bool:
+                return all((r in have) == (direction == "upgrade") for r in revision.split(","))
+
+            journal.check(applied, resolve_hint=RESOLVE_COMMAND)
+        yield journal
 
 
 def run_alembic(
     engine: Engine,
     *,
+    migration_engine: Engine,
     cfg: Any,
     script: ScriptDirectory,
     settings: Settings,
     lock: MigrationLock,
-    destination: str,
+    destination: str | tuple[str, ...],
     upgrade: bool,
     masked_url: str,
-    namespace: str,
+    target_metadata: Any = None,
+    stamp: bool = False,
+    check_journal: bool = True,
 ) -> tuple[Tracker, tuple[str, ...]]:
-    """Run env.py for an upgrade or downgrade to ``destination`` on a fresh connection.
+    """Run env.py for an upgrade or downgrade to ``destination`` on a fresh, fenced connection.
 
     The caller holds ``lock``. Returns the tracker (``done`` is what was applied) and the heads
-    read afterwards; raises MigrationFailed, LockLost, GateClosed or ConfigError.
+    read afterwards; raises MigrationFailed, MigrationInterrupted, LockLost, GateClosed or
+    ConfigError.
     """
     run_cfg = clone_config(cfg)
     tracker = Tracker(settings=settings, lock=lock)
 
     def migrations(heads: Any, context: Any) -> list[Any]:
+        if stamp:
+            return list(script._stamp_revs(destination, heads))  # what command.stamp does
+        target = destination if isinstance(destination, str) else " ".join(destination)
         if upgrade:
-            steps = script._upgrade_revs(destination, heads)  # what command.upgrade does
+            steps = script._upgrade_revs(target, heads)  # what command.upgrade does
         else:
-            steps = script._downgrade_revs(destination, heads)  # what command.downgrade does
+            steps = script._downgrade_revs(target, heads)  # what command.downgrade does
         return list(steps)
 
-    from ._plan import connect
-
-    with connect(engine, masked_url) as conn:
-        # Nothing may stay open on this connection when Alembic configures it: a statement
-        # would autobegin a transaction that Alembic then treats as the caller's and never
-        # commits. The session setting the tag makes is committed; the session is closed, not
-        # pooled, after.
-        tagged = sessions.tags_sessions(engine)
-        if tagged:
-            sessions.tag(conn, namespace)
-        tracker.connection = conn
-        run_cfg.attributes["connection"] = conn
-        run_cfg.attributes[RUN_KEY] = RunContext(settings, conn)
-        try:
-            with (
-                keep_loggers_enabled(),
-                EnvironmentContext(
-                    run_cfg,
-                    script,
-                    fn=tracker.wrap(migrations),
-                    as_sql=False,
-                    destination_rev=destination,
-                ),
-            ):
-                script.run_env()
-        except AutolockError:
-            raise
-        except Exception as exc:
-            _rollback_quietly(conn)  # end the failed transaction before reading the state
-            raise failure(exc, tracker, engine, settings, script, masked_url) from exc
-        finally:
-            if tagged:
-                conn.invalidate()  # a tagged session never goes back to the pool
+    conn = open_connection(migration_engine, masked_url)
+    try:
+        if autocommit(conn):  # an engine made with isolation_level="AUTOCOMMIT"
+            conn.execution_options(isolation_level=conn.default_isolation_level)
+        if migration_engine is not engine:  # lock_url: the application's execution options
+            conn = conn.execution_options(**engine.get_execution_options())
+        with migration_session(
+            lock,
+            conn,
+            engine=migration_engine,
+            settings=settings,
+            script=script if check_journal else None,
+            owned=True,
+        ) as journal:
+            tracker.journal = journal
+            tracker.connection = conn
+            run_cfg.attributes["connection"] = conn
+            run_cfg.attributes[RUN_KEY] = RunContext(settings, conn, target_metadata)
+            try:
+                with (
+                    keep_loggers_enabled(),
+                    EnvironmentContext(
+                        run_cfg,
+                        script,
+                        fn=tracker.wrap(migrations),
+                        as_sql=False,
+                        destination_rev=destination,
+                    ),
+                ):
+                    script.run_env()
+            except LockLost as exc:
+                rollback_quietly(conn)
+                raise truthful_lost(exc, tracker, engine, settings, script, masked_url) from exc
+            except AutolockError:
+                rollback_quietly(conn)
+                raise
+            except Exception as exc:
+                rollback_quietly(conn)  # end the failed transaction before reading the state
+                raise failure(exc, tracker, engine, settings, script, masked_url) from exc
+    finally:
+        if migration_engine.dialect.name == "sqlite":
+            conn.close()  # an in-memory database lives as long as its one connection
+        else:
+            close(conn)  # a fenced, named server session never goes back to a pool
     after = read_heads(engine, settings, masked_url)
     check_persisted(tracker, after, script, settings)
     return tracker, after
 
 
-def _rollback_quietly(conn: Connection) -> None:
+def rollback_quietly(conn: Connection) -> None:
     try:
         conn.rollback()
     except Exception:  # a dead connection has nothing left to roll back

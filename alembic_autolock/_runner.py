@@ -1,29 +1,43 @@
-"""ensure_migrated, upgrade, downgrade and status.
+"""ensure_migrated, upgrade, downgrade, status, resolve.
 
-The shape of every run: the in-process cache, then the database, then the lock, then a second
-look under the lock, then Alembic on a fresh connection, then the release. The lock lives on its
-own connection, never the one Alembic migrates on.
+The shape of every run: the in-process cache, then the database, then the lock (waiting without
+a database session), then a second look under the lock, then Alembic on a fresh connection that
+holds the fence, with the journal checked first, then the release. The lock lives on its own
+connection, never the one Alembic migrates on.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from alembic.script.revision import ResolutionError
 from alembic.util import CommandError
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
 from . import _events as events
 from . import _state
 from ._config import ConfigLike
-from ._events import mask_url
-from ._plan import Plan, pending_steps, prepare, read_heads, unknown_heads
-from ._run import gate_downgrade, run_alembic
-from ._sessions import reap_orphans
+from ._mask import mask_text, mask_url
+from ._plan import (
+    Plan,
+    heads_on,
+    open_connection,
+    peek_heads,
+    pending_steps,
+    prepare,
+    read_heads,
+    unavailable,
+    unknown_heads,
+)
+from ._run import _summary, gate_downgrade, open_journal, run_alembic
+from ._settings import Settings
 from .exceptions import ConfigError, DatabaseAhead, PendingMigrations
-from .locks import Holder, MigrationLock, make_backend
+from .locks import Holder, MigrationLock, ProcessOnlyLock, Watch, make_backend, make_fence
+from .locks._session import lock_engine_for, side_connection
 
 
 @dataclass(frozen=True)
@@ -116,9 +130,9 @@ def ensure_migrated(
     """Bring the database to head if the mode allows it, else verify that it is there.
 
     A call at head within ``cache_ttl`` of the last check is answered from memory. Otherwise
-    the database is read; if revisions are pending, the lock is taken, the database is read
-    again (another process may have migrated meanwhile), and the pending revisions are applied
-    on a fresh connection, each in its own transaction by default.
+    the database is read; if revisions are pending, the lock is taken (waiting without holding
+    a database session), the database is read again (another process may have migrated
+    meanwhile), and the pending revisions are applied on a fresh, fenced connection.
 
     ``config`` is a path to alembic.ini or pyproject.toml, an ``alembic.config.Config``, or None
     (``$ALEMBIC_CONFIG``, else ./alembic.ini, else ./pyproject.toml). ``settings`` override
@@ -148,14 +162,23 @@ def ensure_migrated(
         return MigrationResult("skipped", elapsed_s=time.perf_counter() - started)
 
     if plan.process_local and s.mode == "upgrade":
-        return _migrate(engine, plan, "heads", upgrade=True, started=started, second_look=True)
-    heads = read_heads(engine, s, plan.masked_url)
+        return _migrate(engine, plan, "heads", upgrade=True, started=started, settle=_at_head(plan))
+    conn = open_connection(engine, plan.masked_url, deadline=time.monotonic() + s.timeout)
+    try:
+        heads = heads_on(conn, s)
+    except BaseException as exc:
+        conn.close()
+        if isinstance(exc, DBAPIError):
+            raise unavailable(engine, exc, plan.masked_url) from exc
+        raise
     if frozenset(heads) == plan.script_heads:
+        conn.close()
         _remember(plan, heads)
         events.emit(events.CHECK_CURRENT, database=plan.masked_url, heads=list(heads))
         return MigrationResult("current", (), heads, 0.0, time.perf_counter() - started)
     unknown = unknown_heads(plan.script, heads)
     if unknown:
+        conn.close()
         return _handle_ahead(plan, heads, unknown, started)
     pending = pending_steps(plan.script, heads)
     events.emit(
@@ -166,8 +189,22 @@ def ensure_migrated(
         mode=s.mode,
     )
     if s.mode == "check":
+        conn.close()
         raise PendingMigrations(pending=pending, heads=heads, command=_upgrade_command(plan))
-    return _migrate(engine, plan, "heads", upgrade=True, started=started, second_look=True)
+    # the first look's connection makes the first attempt at the lock
+    return _migrate(
+        engine, plan, "heads", upgrade=True, started=started, settle=_at_head(plan), first=conn
+    )
+
+
+def _at_head(plan: Plan) -> Callable[[tuple[str, ...]], bool]:
+    """The waiter's test: another process brought the database to the scripts' heads (or
+    beyond them: then there is nothing for this process to do either)."""
+
+    def settled(heads: tuple[str, ...]) -> bool:
+        return frozenset(heads) == plan.script_heads or bool(unknown_heads(plan.script, heads))
+
+    return settled
 
 
 def _upgrade_command(plan: Plan) -> str:
@@ -182,6 +219,46 @@ def _upgrade_command(plan: Plan) -> str:
     return " ".join([*parts, "upgrade"])
 
 
+def make_lock(engine: Engine, settings: Settings, namespace: str) -> tuple[MigrationLock, Engine]:
+    """The runner's lock for ``engine``, and the engine its migration sessions come from (the
+    lock_url engine when set: a fence needs a real server session, which a transaction-pooling
+    proxy does not give)."""
+    backend = make_backend(settings, engine, namespace)
+    migration_engine = lock_engine_for(settings.lock_url) or engine
+    fence = make_fence(backend, migration_engine, namespace)
+    return MigrationLock(backend, namespace, settings.timeout, fence), migration_engine
+
+
+def _watch(engine: Engine, plan: Plan, settle: Callable[[tuple[str, ...]], bool]) -> Watch:
+    def read(conn: Connection | None) -> tuple[str, ...] | None:
+        return peek_heads(conn, engine, plan.settings)
+
+    return Watch(read=read, settled=settle)
+
+
+def _done_by_other(
+    plan: Plan, heads: tuple[str, ...], waited: float, started: float
+) -> MigrationResult:
+    unknown = unknown_heads(plan.script, heads)
+    if unknown:
+        return _handle_ahead(plan, heads, unknown, started, waited)
+    events.emit(
+        events.MIGRATED_BY_OTHER,
+        database=plan.masked_url,
+        heads=list(heads),
+        waited_s=round(waited, 3),
+    )
+    _remember(plan, heads)
+    return MigrationResult("current", (), heads, waited, time.perf_counter() - started)
+
+
+def _second_look(lock: MigrationLock, engine: Engine, plan: Plan) -> tuple[str, ...]:
+    session = lock.backend.session()  # the lock's own session, when it is in this database
+    if session is not None:
+        return heads_on(session, plan.settings)
+    return read_heads(engine, plan.settings, plan.masked_url)
+
+
 def _migrate(
     engine: Engine,
     plan: Plan,
@@ -189,31 +266,24 @@ def _migrate(
     *,
     upgrade: bool,
     started: float,
-    second_look: bool,
+    settle: Callable[[tuple[str, ...]], bool] | None,
+    first: Connection | None = None,
 ) -> MigrationResult:
     s = plan.settings
-    lock = MigrationLock(make_backend(s, engine, plan.namespace), plan.namespace, s.timeout)
-    waited = lock.acquire()
+    lock, migration_engine = make_lock(engine, s, plan.namespace)
+    watch = _watch(engine, plan, settle) if settle is not None else None
+    acquired = lock.acquire(watch, first=first)
+    if not acquired.held:
+        return _done_by_other(plan, acquired.heads or (), acquired.waited_s, started)
+    waited = acquired.waited_s
     try:
-        heads = read_heads(engine, s, plan.masked_url)
-        if second_look and frozenset(heads) == plan.script_heads:
-            events.emit(
-                events.MIGRATED_BY_OTHER,
-                database=plan.masked_url,
-                heads=list(heads),
-                waited_s=round(waited, 3),
-            )
-            _remember(plan, heads)
-            return MigrationResult("current", (), heads, waited, time.perf_counter() - started)
-        unknown = unknown_heads(plan.script, heads)
-        if unknown and upgrade:
-            return _handle_ahead(plan, heads, unknown, started, waited)
+        heads = _second_look(lock, engine, plan)
+        if settle is not None and settle(heads):
+            return _done_by_other(plan, heads, waited, started)
         _state.forget_heads(plan.cache_key)
-        if lock.excludes_others:
-            # A dead holder's migration session may still be running its last statement.
-            reap_orphans(engine, plan.namespace, s.orphan_wait)
         tracker, after = run_alembic(
             engine,
+            migration_engine=migration_engine,
             cfg=plan.cfg,
             script=plan.script,
             settings=s,
@@ -221,7 +291,6 @@ def _migrate(
             destination=destination,
             upgrade=upgrade,
             masked_url=plan.masked_url,
-            namespace=plan.namespace,
         )
     finally:
         lock.release()
@@ -232,7 +301,8 @@ def _migrate(
         events.MIGRATION_COMPLETED,
         database=plan.masked_url,
         action=action,
-        applied=tracker.done,
+        applied=_summary(tracker.done),
+        count=len(tracker.done),
         heads=list(after),
         waited_s=round(waited, 3),
         elapsed_s=round(elapsed, 3),
@@ -268,6 +338,7 @@ def upgrade(
     started = time.perf_counter()
     plan = prepare(engine, config, settings)
     _check_revision(plan, revision)
+    settle = None
     if revision in ("head", "heads"):
         heads = read_heads(engine, plan.settings, plan.masked_url)
         if frozenset(heads) == plan.script_heads:
@@ -276,7 +347,8 @@ def upgrade(
         unknown = unknown_heads(plan.script, heads)
         if unknown:
             return _handle_ahead(plan, heads, unknown, started)
-    return _migrate(engine, plan, revision, upgrade=True, started=started, second_look=False)
+        settle = _at_head(plan)
+    return _migrate(engine, plan, revision, upgrade=True, started=started, settle=settle)
 
 
 def downgrade(
@@ -287,7 +359,17 @@ def downgrade(
     plan = prepare(engine, config, settings)
     gate_downgrade(plan.settings)
     _check_revision(plan, revision)
-    return _migrate(engine, plan, revision, upgrade=False, started=started, second_look=False)
+    return _migrate(engine, plan, revision, upgrade=False, started=started, settle=None)
+
+
+def _holders(lock: MigrationLock, migration_engine: Engine) -> list[Holder]:
+    """Who holds and waits for the lock, and (where the lock lives outside the database) which
+    migration session holds the fence."""
+    found = lock.backend.holders()
+    if lock.fence is not None and lock.backend.name == "redis":
+        with side_connection(migration_engine) as conn:
+            found += lock.fence.holders(conn)
+    return found
 
 
 def status(engine: Engine, *, config: ConfigLike = None, **settings: Any) -> Status:
@@ -303,18 +385,18 @@ def status(engine: Engine, *, config: ConfigLike = None, **settings: Any) -> Sta
     )
     holders: tuple[Holder, ...] = ()
     error = None
-    backend = make_backend(s, engine, plan.namespace)
+    lock, migration_engine = make_lock(engine, s, plan.namespace)
     try:
-        holders = tuple(backend.holders())
+        holders = tuple(_holders(lock, migration_engine))
     except Exception as exc:  # the state of the database is still worth reporting
-        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        error = mask_text(f"{type(exc).__name__}: {exc}".splitlines()[0], engine.url, s.lock_url)
     return Status(
         current_heads=heads,
         script_heads=tuple(sorted(plan.script_heads)),
         pending=pending,
         at_head=frozenset(heads) == plan.script_heads,
         unknown_heads=tuple(unknown),
-        lock_backend=backend.name,
+        lock_backend=lock.backend.name,
         namespace=plan.namespace,
         holders=holders,
         holders_error=error,
@@ -329,8 +411,8 @@ def lock_holders(
 ) -> tuple[str, str, tuple[Holder, ...]]:
     """(backend name, namespace, who holds and who waits for the lock)."""
     plan = prepare(engine, config, settings)
-    backend = make_backend(plan.settings, engine, plan.namespace)
-    return backend.name, plan.namespace, tuple(backend.holders())
+    lock, migration_engine = make_lock(engine, plan.settings, plan.namespace)
+    return lock.backend.name, plan.namespace, tuple(_holders(lock, migration_engine))
 
 
 def unlock(
@@ -342,17 +424,103 @@ def unlock(
     **settings: Any,
 ) -> tuple[Holder, ...]:
     """Clear a stuck lock of this namespace: Redis by owner (or ``force``); PostgreSQL and MySQL
-    only with ``force``, by ending the holding session. Returns who was cleared."""
+    only with ``force``, by ending the holding session. With ``force`` the migration session
+    that holds the fence is ended too. Returns who was cleared."""
     plan = prepare(engine, config, settings)
-    backend = make_backend(plan.settings, engine, plan.namespace)
-    cleared = tuple(backend.unlock(owner=owner, force=force))
+    lock, migration_engine = make_lock(engine, plan.settings, plan.namespace)
+    cleared = list(lock.backend.unlock(owner=owner, force=force))
+    if force and lock.fence is not None and lock.backend.name == "redis":
+        with side_connection(migration_engine) as conn:
+            fenced = lock.fence.holders(conn)
+            lock.fence.end(conn, fenced)
+        cleared += fenced
     for holder in cleared:
         events.emit(
             events.LOCK_CLEARED,
             "warning",
-            backend=backend.name,
+            backend=lock.backend.name,
             namespace=plan.namespace,
             holder=holder.describe(),
             forced=force,
         )
-    return cleared
+    return tuple(cleared)
+
+
+def resolve(
+    engine: Engine,
+    revision: str,
+    *,
+    applied: bool,
+    config: ConfigLike = None,
+    **settings: Any,
+) -> tuple[str, ...]:
+    """Say what state an interrupted revision left, under the lock: ``applied`` (its changes
+    are in place: the version table is stamped to show it done) or not (they were undone: it
+    will run again). Closes its journal entries; returns the heads afterwards."""
+    started = time.perf_counter()
+    plan = prepare(engine, config, settings)
+    _check_revision(plan, revision)
+    s = plan.settings
+    lock, migration_engine = make_lock(engine, s, plan.namespace)
+    if not lock.excludes_others or isinstance(lock.backend, ProcessOnlyLock):
+        raise ConfigError(
+            f"lock = {s.lock} keeps no journal for this database: there is nothing to resolve"
+        )
+    lock.acquire()
+    try:
+        with open_journal(lock, migration_engine, s) as journal:
+            entry = journal.latest_open() if journal is not None else None
+            if entry is None or entry.revision != revision:
+                what = (
+                    f"the open entry is for {entry.revision}"
+                    if entry is not None
+                    else "nothing is open"
+                )
+                raise ConfigError(
+                    f"the journal has no interrupted run of revision {revision} ({what}); nothing "
+                    "to resolve",
+                    key="revision",
+                    value=revision,
+                    source="argument",
+                )
+            heads = _second_look(lock, engine, plan)
+            if applied:
+                target = _state_after(plan.script, entry.revision, entry.direction)
+                run_alembic(
+                    engine,
+                    migration_engine=migration_engine,
+                    cfg=plan.cfg,
+                    script=plan.script,
+                    settings=s,
+                    lock=lock,
+                    destination=target,
+                    upgrade=True,
+                    masked_url=plan.masked_url,
+                    stamp=True,
+                    check_journal=False,
+                )
+            if journal is not None:
+                journal.resolve(revision, applied)
+            heads = _second_look(lock, engine, plan)
+    finally:
+        lock.release()
+    _state.forget_heads(plan.cache_key)
+    events.emit(
+        events.MIGRATION_RESOLVED,
+        "warning",
+        revision=revision,
+        applied=applied,
+        heads=list(heads),
+        elapsed_s=round(time.perf_counter() - started, 3),
+    )
+    return heads
+
+
+def _state_after(script: Any, revision: str, direction: str) -> str | tuple[str, ...]:
+    """The stamp target that shows ``revision``'s step as done."""
+    if direction == "upgrade":
+        return revision
+    down = script.get_revision(revision).down_revision
+    if not down:
+        return "base"
+    return down if isinstance(down, str) else tuple(down)

@@ -42,7 +42,7 @@ class Settings:
     environment: str = "development"
     production_environments: frozenset[str] = frozenset({"production", "prod"})
     allow_downgrade: bool = True
-    transaction: str = "per-migration"
+    transaction: str = "all"
     namespace: str | None = None
     version_table: str = "alembic_version"
     version_table_schema: str | None = None

@@ -8,6 +8,8 @@
   Alembic against the same database at once.
 * ``lock_engines``, ``side_engines``, ``redis_clients``: what lock connections are made from
   (per lock_url, per application engine, per Redis URL), built once per process.
+* ``engine_tokens``: a number per Engine object, the engine's part of the cache key (an id()
+  could be reused by a later engine once the first is gone).
 
 ``reset()`` empties all of it; tests call it before each test. After ``fork()`` the child starts
 with empty state (a lock held by a parent thread must not be inherited as held).
@@ -15,6 +17,7 @@ with empty state (a lock held by a parent thread must not be inherited as held).
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import weakref
@@ -28,6 +31,8 @@ process_lock_owners: dict[str, tuple[int | None, str]] = {}
 lock_engines: dict[str, Any] = {}
 side_engines: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 redis_clients: dict[str, Any] = {}
+engine_tokens: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+_tokens = itertools.count(1)
 registry_lock = threading.Lock()
 
 
@@ -62,3 +67,13 @@ def process_lock(namespace: str) -> threading.Lock:
 
 def forget_heads(key: Any) -> None:
     heads.pop(key, None)
+
+
+def engine_token(engine: Any) -> int:
+    token = engine_tokens.get(engine)
+    if token is None:
+        with registry_lock:
+            token = engine_tokens.get(engine)
+            if token is None:
+                token = engine_tokens[engine] = next(_tokens)
+    return token

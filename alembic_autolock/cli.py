@@ -25,7 +25,10 @@ from ._config import load_config
 from ._events import mask_url
 from .exceptions import AutolockError, ConfigError
 
-EXIT_OK, EXIT_PENDING, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_PENDING, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# how `status` and `holders` introduce each kind of session
+_ROLE_LABELS = {"lock": "held by", "fence": "migrating", "wait": "waiting"}
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -118,7 +121,7 @@ def _print_status(st: _runner.Status) -> None:
     elif not st.holders:
         print("  free")
     for h in st.holders:
-        print(f"  {'waiting' if h.waiting else 'held by'}: {h.describe()}")
+        print(f"  {_ROLE_LABELS[h.role]}: {h.describe()}")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -201,7 +204,7 @@ def cmd_holders(args: argparse.Namespace) -> int:
             return EXIT_OK
         print(f"{backend} lock {namespace!r}: {'free' if not found else ''}".rstrip())
         for h in found:
-            print(f"  {'waiting' if h.waiting else 'held by'}: {h.describe()}")
+            print(f"  {_ROLE_LABELS[h.role]}: {h.describe()}")
         return EXIT_OK
 
     return _with_engine(args, run)
@@ -229,6 +232,23 @@ def cmd_unlock(args: argparse.Namespace) -> int:
         cleared = _runner.unlock(engine, owner=args.owner, force=args.force, config=cfg)
         for h in cleared:
             print(f"cleared: {h.describe()}")
+        return EXIT_OK
+
+    return _with_engine(args, run)
+
+
+def cmd_resolve(args: argparse.Namespace) -> int:
+    """Say what state an interrupted revision left, so that upgrades go on: --applied (its
+    changes are in place, or you completed them: the version table is stamped to show it) or
+    --not-applied (you undid them: it runs again). Takes the migration lock."""
+
+    def run(engine: Engine, cfg: Config) -> int:
+        heads = _runner.resolve(engine, args.revision, applied=args.applied, config=cfg)
+        what = "applied" if args.applied else "not applied"
+        print(
+            f"resolved: {args.revision} recorded as {what}; database at "
+            f"{', '.join(heads) or 'no revision'}"
+        )
         return EXIT_OK
 
     return _with_engine(args, run)
@@ -293,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="clear whoever holds it (ends a database session)"
     )
     p_unlock.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p_resolve = add("resolve", cmd_resolve)
+    p_resolve.add_argument("revision", help="the revision the journal says was interrupted")
+    state = p_resolve.add_mutually_exclusive_group(required=True)
+    state.add_argument(
+        "--applied", dest="applied", action="store_true", help="its changes are in place"
+    )
+    state.add_argument(
+        "--not-applied", dest="applied", action="store_false", help="its changes were undone"
+    )
     add("init", cmd_init).add_argument("directory")
     return parser
 
@@ -309,6 +338,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `alembic-autolock status | head`
         sys.stderr.close()
         return EXIT_OK
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # never a traceback: one line, and the exit code of an error
+        from ._mask import mask_text
+
+        detail = (str(exc).strip().splitlines() or [""])[0]
+        print(f"FAILED: {type(exc).__name__}: {mask_text(detail, args.url)}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

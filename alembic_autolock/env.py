@@ -7,15 +7,16 @@ An existing project adopts alembic_autolock by replacing the body of its env.py 
 
     run_migrations(target_metadata=Base.metadata)
 
-Then ``alembic upgrade head`` takes the same lock as ``ensure_migrated``; ``alembic upgrade
-head --sql`` still works offline; and when ensure_migrated/upgrade/downgrade run env.py, it uses
-their connection and their lock.
+Then ``alembic upgrade head`` checks the database first (at head: no lock at all), else takes
+the same lock as ``ensure_migrated`` (waiting without a database session), fences its migration
+session and checks the journal; ``alembic upgrade head --sql`` still works offline; and when
+ensure_migrated/upgrade/downgrade run env.py, it uses their connection and their lock.
 """
 
 from __future__ import annotations
 
 import logging.config
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -23,27 +24,60 @@ from sqlalchemy import engine_from_config, pool
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from . import _sessions as sessions
 from . import _state
-from ._events import mask_url
-from ._plan import derive_namespace, unavailable
-from ._run import RUN_KEY, RunContext, Tracker, failure
+from ._plan import derive_namespace, heads_on, open_connection, peek_heads, unavailable
+from ._run import (
+    RUN_KEY,
+    RunContext,
+    Tracker,
+    autocommit,
+    failure,
+    migration_session,
+    rollback_quietly,
+    truthful_lost,
+)
 from ._settings import Settings, resolve_settings
-from .exceptions import AutolockError, ConfigError
-from .locks import MigrationLock, make_backend
+from .exceptions import AutolockError, ConfigError, LockLost
+from .locks import MigrationLock, Watch
 
 __all__ = ["run_migrations"]
 
-_RESERVED = ("connection", "url", "fn")
+# configure() options that only mean something when Alembic renders SQL (--sql), and that break
+# an online run ("Can't use literal_binds setting without as_sql mode").
+OFFLINE_ONLY = frozenset({"literal_binds", "dialect_opts", "dialect_name", "output_buffer"})
+_OFFLINE_DEFAULTS: dict[str, Any] = {"literal_binds": True, "dialect_opts": {"paramstyle": "named"}}
+_RESERVED = {
+    "connection": "the connection comes from config.attributes['connection'], -x url=..., or "
+    "sqlalchemy.url; to set up the migration connection, pass connection_setup=",
+    "url": "the URL comes from -x url=... or sqlalchemy.url",
+    "fn": "Alembic's command supplies it; to migrate by another path (a custom "
+    "MigrationContext), run it inside `with alembic_autolock.migration_lock(engine) as conn:`",
+    "as_sql": "Alembic's --sql option sets it",
+}
+
+ConnectionSetup = Callable[[Connection], object]
 
 
-def run_migrations(target_metadata: Any = None, **configure_kwargs: Any) -> None:
+def run_migrations(
+    target_metadata: Any = None,
+    *,
+    connection_setup: ConnectionSetup | None = None,
+    online: dict[str, Any] | None = None,
+    offline: dict[str, Any] | None = None,
+    **configure_kwargs: Any,
+) -> None:
     """Configure Alembic and run the migrations of the current command, under the lock.
 
     ``configure_kwargs`` go to ``context.configure()`` (``include_schemas``,
-    ``render_as_batch``, ``compare_type`` ...). ``version_table`` and ``version_table_schema``
+    ``render_as_batch``, ``compare_type`` ...); options that only make sense when rendering SQL
+    (``literal_binds``, ``dialect_opts``) are used only by ``--sql``. ``online`` and
+    ``offline`` add options for one mode only. ``version_table`` and ``version_table_schema``
     belong in the ``[alembic_autolock]`` settings so that the check reads the table the upgrade
     writes; passing a different value here is an error.
+
+    ``connection_setup(connection)`` runs on the migration connection (never the lock's) before
+    Alembic is configured: ``SET`` statements, the application's own initialisation. What it
+    leaves uncommitted is committed, so that Alembic still owns its transactions.
 
     The database comes from ``config.attributes["connection"]`` (a Connection, an Engine or any
     object with ``.connect()``), else ``-x url=...``, else ``sqlalchemy.url``.
@@ -55,83 +89,211 @@ def run_migrations(target_metadata: Any = None, **configure_kwargs: Any) -> None
         raise ConfigError("run_migrations() must be called from env.py, while Alembic runs it")
     config = context.config
     run: RunContext | None = config.attributes.get(RUN_KEY)
-    if run is None:
-        _configure_logging(config)
-    settings = run.settings if run is not None else resolve_settings({}, config)
-    options = _configure_options(settings, target_metadata, configure_kwargs)
-
-    if context.is_offline_mode():
-        context.configure(
-            url=_url(context, config),
-            literal_binds=True,
-            dialect_opts={"paramstyle": "named"},
-            **options,
-        )
-        with context.begin_transaction():
-            context.run_migrations()
-        return
-
-    if run is not None:  # ensure_migrated/upgrade/downgrade: they hold the lock
-        context.configure(connection=run.connection, **options)
-        with context.begin_transaction():
-            context.run_migrations()
-        return
-
-    mutating = "destination_rev" in env.context_opts and not env.context_opts.get("dont_mutate")
-    with _connection(context, config) as (conn, origin):
-        if not mutating:  # current, check, history, autogenerate: read only, no lock
-            context.configure(connection=conn, **options)
+    try:
+        if run is None:
+            _configure_logging(config)
+        settings = run.settings if run is not None else resolve_settings({}, config)
+        common = _configure_options(settings, target_metadata, configure_kwargs)
+        if context.is_offline_mode():
+            options = {**_OFFLINE_DEFAULTS, **_split(common, offline=True), **(offline or {})}
+            _check_reserved(options)
+            context.configure(url=_url(context, config), **options)
             with context.begin_transaction():
                 context.run_migrations()
             return
-        _run_locked(context, env, conn, origin, settings, options)
+        options = {**_split(common, offline=False), **(online or {})}
+        _check_reserved(options)
+        if run is not None:  # ensure_migrated/upgrade/downgrade: they hold the lock and fence
+            _setup(run.connection, connection_setup)
+            context.configure(connection=run.connection, **options)
+            with context.begin_transaction():
+                context.run_migrations()
+            return
+        _run_from_alembic(context, env, config, settings, options, connection_setup)
+    except AutolockError as exc:
+        if run is not None:
+            raise
+        raise _as_command_error(exc) from exc.__cause__
+
+
+def _run_from_alembic(
+    context: Any,
+    env: Any,
+    config: Any,
+    settings: Settings,
+    options: dict[str, Any],
+    setup: ConnectionSetup | None,
+) -> None:
+    """The plain ``alembic`` command (or ``alembic.command.*`` called from code)."""
+    mutating = "destination_rev" in env.context_opts and not env.context_opts.get("dont_mutate")
+    with _connectable(context, config) as (engine, given):
+        if not mutating:  # current, check, history, autogenerate: read only, no lock
+            with _connection(engine, given) as conn:
+                _setup(conn, setup)
+                context.configure(connection=conn, **options)
+                with context.begin_transaction():
+                    context.run_migrations()
+            return
+        namespace = derive_namespace(settings, engine)
+        from ._runner import make_lock
+
+        lock, migration_engine = make_lock(engine, settings, namespace)
+        if given is not None:
+            migration_engine = engine
+        destination = env.context_opts.get("destination_rev")
+        script_heads = frozenset(env.script.get_heads())
+        at_target: Callable[[tuple[str, ...]], bool] | None = None
+        if destination in ("head", "heads"):
+
+            def at_target(heads: tuple[str, ...]) -> bool:
+                return frozenset(heads) == script_heads
+
+        while True:
+            if at_target is not None and _noop_if_settled(
+                context, env, engine, given, settings, options, setup, at_target
+            ):
+                return
+            watch = None
+            if at_target is not None:
+
+                def read(conn: Connection | None) -> tuple[str, ...] | None:
+                    return peek_heads(conn, engine, settings)
+
+                watch = Watch(read=read, settled=at_target)
+            acquired = lock.acquire(watch)
+            if acquired.held:
+                break
+        try:
+            _run_locked(context, env, lock, migration_engine, given, settings, options, setup)
+        finally:
+            lock.release()
+            _state.heads.clear()  # this process's own cached "at head" answers are stale now
+
+
+def _noop_if_settled(
+    context: Any,
+    env: Any,
+    engine: Engine,
+    given: Connection | None,
+    settings: Settings,
+    options: dict[str, Any],
+    setup: ConnectionSetup | None,
+    at_target: Callable[[tuple[str, ...]], bool],
+) -> bool:
+    """At the target already: let Alembic run its (empty) plan without any lock, the way
+    ``alembic-autolock upgrade`` answers at head. False (nothing done) if the database is not
+    there, or stopped being there before Alembic looked."""
+    with _connection(engine, given) as conn:
+        outside = not conn.in_transaction()
+        if outside:
+            heads = heads_on(conn, settings)
+            conn.rollback()  # end the look's transaction: Alembic must find none open
+        else:  # the caller's transaction: look without a statement that could fail in it
+            heads = _heads_in_transaction(conn, settings)
+        if not at_target(heads):
+            return False
+        steps_seen = False
+        original = env.context_opts["fn"]
+
+        def nothing_to_do(heads: Any, context: Any) -> list[Any]:
+            nonlocal steps_seen
+            steps_seen = bool(list(original(heads, context)))
+            return []
+
+        _setup(conn, setup)
+        context.configure(connection=conn, fn=nothing_to_do, **options)
+        with context.begin_transaction():
+            context.run_migrations()
+        return not steps_seen
 
 
 def _run_locked(
     context: Any,
     env: Any,
-    conn: Connection,
-    origin: str,
+    lock: MigrationLock,
+    migration_engine: Engine,
+    given: Connection | None,
     settings: Settings,
     options: dict[str, Any],
+    setup: ConnectionSetup | None,
 ) -> None:
-    engine = conn.engine
-    namespace = derive_namespace(settings, engine)
-    lock = MigrationLock(make_backend(settings, engine, namespace), namespace, settings.timeout)
+    """Holding the lock: the migration connection, its fence, the journal, then Alembic."""
     tracker = Tracker(settings=settings, lock=lock)
-    lock.acquire()
-    try:
-        if lock.excludes_others:
-            sessions.reap_orphans(engine, namespace, settings.orphan_wait)
-        if origin != "given":  # never change a Connection the caller handed over
-            # our own NullPool session may also get session settings; a pooled one may not
-            sessions.tag(conn, namespace, session_settings=origin == "owned")
-        # The lock is on its own connection: ``conn`` has executed nothing yet, so Alembic owns
-        # its transactions (per revision by default).
-        context.configure(connection=conn, fn=tracker.wrap(env.context_opts["fn"]), **options)
-        try:
-            with context.begin_transaction():
-                context.run_migrations()
-        except AutolockError:
-            raise
-        except Exception as exc:
-            if conn.in_transaction():
-                conn.rollback()
-            raise failure(exc, tracker, engine, settings, env.script, mask_url(engine.url)) from exc
-    finally:
-        lock.release()
-        _state.heads.clear()  # this process's own cached "at head" answers are stale now
+    from ._mask import mask_url
+
+    masked = mask_url(migration_engine.url)
+    with _connection(migration_engine, given) as conn:
+        if given is None and autocommit(conn):  # migrations run in transactions
+            conn.execution_options(isolation_level=conn.default_isolation_level)
+        with migration_session(
+            lock,
+            conn,
+            engine=migration_engine,
+            settings=settings,
+            script=env.script,
+            owned=given is None,
+        ) as journal:
+            tracker.journal = journal
+            _setup(conn, setup)
+            context.configure(connection=conn, fn=tracker.wrap(env.context_opts["fn"]), **options)
+            try:
+                with context.begin_transaction():
+                    context.run_migrations()
+            except LockLost as exc:
+                rollback_quietly(conn)
+                raise truthful_lost(
+                    exc, tracker, migration_engine, settings, env.script, masked
+                ) from exc
+            except AutolockError:
+                raise
+            except Exception as exc:
+                rollback_quietly(conn)
+                raise failure(exc, tracker, migration_engine, settings, env.script, masked) from exc
+
+
+def _heads_in_transaction(conn: Connection, settings: Settings) -> tuple[str, ...]:
+    from alembic.runtime.migration import MigrationContext
+
+    ctx = MigrationContext.configure(
+        connection=conn,
+        opts={
+            "version_table": settings.version_table,
+            "version_table_schema": settings.version_table_schema,
+        },
+    )
+    return tuple(sorted(ctx.get_current_heads()))
+
+
+def _setup(conn: Connection, setup: ConnectionSetup | None) -> None:
+    if setup is None:
+        return
+    outside = not conn.in_transaction()
+    setup(conn)
+    if outside and conn.in_transaction():  # Alembic must find no transaction open
+        conn.commit()
+
+
+def _split(options: dict[str, Any], *, offline: bool) -> dict[str, Any]:
+    """Every option for --sql; for an online run, all but the offline-only ones."""
+    if offline:
+        return dict(options)
+    return {k: v for k, v in options.items() if k not in OFFLINE_ONLY}
+
+
+def _check_reserved(options: dict[str, Any]) -> None:
+    for key, why in _RESERVED.items():
+        if key in options:
+            raise ConfigError(
+                f"run_migrations() does not take {key!r}: {why}",
+                key=key,
+                source="run_migrations() argument",
+            )
 
 
 def _configure_options(
     settings: Settings, target_metadata: Any, kwargs: dict[str, Any]
 ) -> dict[str, Any]:
-    for key in _RESERVED:
-        if key in kwargs:
-            raise ConfigError(
-                f"run_migrations() does not take {key!r}: the connection comes from "
-                "config.attributes['connection'], -x url=..., or sqlalchemy.url"
-            )
+    _check_reserved(kwargs)
     for key in ("version_table", "version_table_schema"):
         if key in kwargs and kwargs[key] != getattr(settings, key):
             raise ConfigError(
@@ -144,7 +306,20 @@ def _configure_options(
                 source="run_migrations() argument",
             )
     options = dict(kwargs)
-    options.setdefault("transaction_per_migration", settings.transaction == "per-migration")
+    per_migration = settings.transaction == "per-migration"
+    if "transaction_per_migration" in options:
+        wanted = bool(options["transaction_per_migration"])
+        if settings.source("transaction") != "default" and wanted != per_migration:
+            raise ConfigError(
+                f"run_migrations(transaction_per_migration={wanted}) contradicts the transaction "
+                f"setting ({settings.transaction!r}, from {settings.source('transaction')}): "
+                "keep one of them",
+                key="transaction",
+                value=settings.transaction,
+                source=settings.source("transaction"),
+            )
+    else:
+        options["transaction_per_migration"] = per_migration
     options["version_table"] = settings.version_table
     options["version_table_schema"] = settings.version_table_schema
     options["target_metadata"] = target_metadata
@@ -152,9 +327,12 @@ def _configure_options(
 
 
 def _configure_logging(config: Any) -> None:
-    """Alembic's stock env.py calls fileConfig(), which disables every existing logger; this
-    keeps them, and skips logging setup entirely when the caller says so."""
+    """What Alembic's stock env.py does (``fileConfig``), only when the ``alembic`` command
+    runs: called from code (``alembic.command.upgrade(cfg)`` in an application), the
+    application's logging stays as it is. Existing loggers are kept enabled either way."""
     if config.config_file_name is None or not config.attributes.get("configure_logger", True):
+        return
+    if config.cmd_opts is None:  # not the command line: an application called alembic.command
         return
     if config.file_config.has_section("loggers"):
         logging.config.fileConfig(config.config_file_name, disable_existing_loggers=False)
@@ -174,31 +352,64 @@ def _url(context: Any, config: Any) -> str:
 
 
 @contextmanager
-def _connection(context: Any, config: Any) -> Iterator[tuple[Connection, str]]:
-    """The connection to migrate on, and where it comes from: "given" (a Connection from the
-    caller), "opened" (from the caller's Engine or engine-like object) or "owned" (from a NullPool
-    engine made from the URL, disposed afterwards)."""
+def _connectable(context: Any, config: Any) -> Iterator[tuple[Engine, Connection | None]]:
+    """The engine to lock and migrate with, and the caller's connection if it handed one over
+    (an engine-like object's connection counts as handed over: it is opened once, here)."""
     connectable = config.attributes.get("connection")
     if isinstance(connectable, Connection):
-        yield connectable, "given"
+        yield connectable.engine, connectable
         return
-    owned: Engine | None = None
-    if connectable is None:
-        section = dict(config.get_section(config.config_ini_section, {}))
-        section.pop("here", None)
-        section["sqlalchemy.url"] = _url(context, config)
-        connectable = owned = engine_from_config(
-            section, prefix="sqlalchemy.", poolclass=pool.NullPool
-        )
+    if isinstance(connectable, Engine):
+        yield connectable, None
+        return
+    if connectable is not None:  # pytest-alembic's WrappingConnection and the like
+        with connectable.connect() as conn:
+            yield conn.engine, conn
+        return
+    section = dict(config.get_section(config.config_ini_section, {}))
+    section.pop("here", None)
+    from ._mask import parse_url
+
+    section["sqlalchemy.url"] = parse_url(_url(context, config), "database URL")
+    owned = engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
     try:
-        try:
-            conn = connectable.connect()
-        except DBAPIError as exc:
-            if isinstance(connectable, Engine):
-                raise unavailable(connectable, exc) from exc
-            raise
-        with conn:
-            yield conn, "owned" if owned is not None else "opened"
+        yield owned, None
     finally:
-        if owned is not None:
-            owned.dispose()
+        owned.dispose()
+
+
+@contextmanager
+def _connection(engine: Engine, given: Connection | None) -> Iterator[Connection]:
+    if given is not None:
+        yield given
+        return
+    try:
+        conn = open_connection(engine)
+    except DBAPIError as exc:
+        raise unavailable(engine, exc) from exc
+    with conn:
+        yield conn
+
+
+_COMMAND_ERRORS: dict[type[BaseException], type[BaseException]] = {}
+
+
+def _as_command_error(exc: AutolockError) -> BaseException:
+    """``exc`` as an instance of a class that is both its own class and Alembic's CommandError,
+    so that the ``alembic`` command prints it as one ``FAILED:`` line (and code that catches
+    either still catches it)."""
+    from alembic.util import CommandError
+
+    if isinstance(exc, CommandError):
+        return exc
+    cls = _COMMAND_ERRORS.get(type(exc))
+    if cls is None:
+        cls = type(
+            type(exc).__name__, (type(exc), CommandError), {"__module__": type(exc).__module__}
+        )
+        _COMMAND_ERRORS[type(exc)] = cls
+    twin = cls.__new__(cls)
+    twin.args = exc.args
+    twin.__dict__.update(exc.__dict__)
+    twin.__traceback__ = exc.__traceback__
+    return twin

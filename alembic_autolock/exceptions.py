@@ -20,6 +20,7 @@ __all__ = [
     "LockTimeout",
     "LockUnavailable",
     "MigrationFailed",
+    "MigrationInterrupted",
     "PendingMigrations",
 ]
 
@@ -87,22 +88,32 @@ class LockTimeout(AutolockError):
         waited_s: float,
         timeout_s: float,
         holders: Sequence[Any] = (),
+        hint: str | None = None,
     ) -> None:
         self.backend = backend
         self.namespace = namespace
         self.waited_s = waited_s
         self.timeout_s = timeout_s
         self.holders = tuple(holders)
+        what = "the fence of" if backend == "fence" else f"the {backend}"
         super().__init__(
-            f"timed out after {waited_s:.1f}s waiting for the {backend} migration lock "
-            f"{namespace!r}: {_describe_holders(self.holders)}. Another process is probably "
-            "migrating: wait and retry, raise `timeout`, or inspect it with "
-            "`alembic-autolock holders`."
+            f"timed out after {waited_s:.1f}s waiting for {what} migration lock "
+            f"{namespace!r}: {_describe_holders(self.holders)}. "
+            + (
+                hint
+                or "Another process is probably migrating: wait and retry, raise `timeout`, or "
+                "inspect it with `alembic-autolock holders`."
+            )
         )
 
 
 class LockLost(AutolockError):
-    """The lock stopped being held while migrations ran; nothing after ``revision`` started."""
+    """The lock stopped being held while migrations ran. ``revision`` is the revision the run
+    stopped before, or (``during``) the one that was cut short.
+
+    ``applied`` lists the revisions of this run that the database shows as applied afterwards
+    (with ``transaction = all`` they were rolled back with the rest), ``state`` describes the
+    database as read after the run stopped (None if it could not be read)."""
 
     def __init__(
         self,
@@ -112,18 +123,28 @@ class LockLost(AutolockError):
         reason: str,
         revision: str | None,
         applied: Sequence[str] = (),
+        state: str | None = None,
+        during: bool = False,
     ) -> None:
         self.backend = backend
         self.namespace = namespace
         self.reason = reason
         self.revision = revision
         self.applied = tuple(applied)
-        where = f"stopped before revision {revision}" if revision is not None else "stopped"
+        self.state = state
+        self.during = during
+        if revision is None:
+            where = "stopped"
+        elif during:
+            where = f"revision {revision} was cut short"
+        else:
+            where = f"stopped before revision {revision}"
         done = ", ".join(self.applied) if self.applied else "none"
+        left = f" State left behind: {state}." if state else ""
         super().__init__(
             f"lost the {backend} migration lock {namespace!r} ({reason}); {where}. Revisions "
-            f"applied by this run: {done}. Run the upgrade again: it resumes from the last "
-            "committed revision."
+            f"of this run that stay applied: {done}.{left} Run the upgrade again: it resumes "
+            "from the last committed revision."
         )
 
 
@@ -172,6 +193,46 @@ class MigrationFailed(AutolockError):
         if hint:
             message += " " + hint
         super().__init__(message)
+
+
+class MigrationInterrupted(AutolockError):
+    """A revision that ran outside a transaction was interrupted (or failed) part-way, so part
+    of it may be applied while the version table says it is not: it is not re-run blindly.
+
+    ``revision``, ``direction`` (upgrade or downgrade), ``holder`` (the process that ran it),
+    ``started_at`` (UTC) and ``failed`` (it raised, rather than its process dying or losing the
+    lock) come from the library's journal; ``command`` is how to resolve it.
+    """
+
+    def __init__(
+        self,
+        *,
+        revision: str,
+        direction: str,
+        holder: str,
+        started_at: Any,
+        failed: bool,
+        detail: str | None,
+        command: str,
+    ) -> None:
+        self.revision = revision
+        self.direction = direction
+        self.holder = holder
+        self.started_at = started_at
+        self.failed = failed
+        self.detail = detail
+        self.command = command
+        how = "failed" if failed else "was interrupted"
+        stamp = started_at.isoformat(sep=" ", timespec="seconds") if started_at else "?"
+        why = f" ({detail})" if detail else ""
+        super().__init__(
+            f"the {direction} of revision {revision} {how} outside a transaction{why}: started "
+            f"by {holder} at {stamp} UTC. Part of its work may be committed while the version "
+            "table says it is not, so it is not run again blindly. Look at the database; if "
+            f"the revision's changes are in place (or you completed them by hand), run "
+            f"`{command} {revision} --applied`; if you undid them, run "
+            f"`{command} {revision} --not-applied`; then upgrade again."
+        )
 
 
 class PendingMigrations(AutolockError):

@@ -34,12 +34,13 @@ from alembic_autolock import (
     LockTimeout,
     LockUnavailable,
     MigrationFailed,
+    MigrationInterrupted,
     ensure_migrated,
     status,
     upgrade,
 )
 from alembic_autolock._plan import derive_namespace
-from alembic_autolock._runner import lock_holders, unlock
+from alembic_autolock._runner import lock_holders, resolve, unlock
 from alembic_autolock._settings import Settings
 from alembic_autolock.cli import main
 from alembic_autolock.locks.mysql import lock_name
@@ -85,17 +86,28 @@ def test_sigkilled_holder_is_replaced_within_bound(
     target: tuple[str, dict[str, Any]], make_ini: Any, make_engine: Any, trace: Any
 ) -> None:
     """A holder SIGKILLed inside r3: the next process proceeds (at once on MySQL, within
-    lock_ttl on Redis) and finishes from the last committed revision."""
+    lock_ttl on Redis). On PostgreSQL r3 ran in a transaction, so the next run finishes from
+    the last committed revision; on MySQL r3 ran outside one, so the next run refuses to re-run
+    it blindly until it is resolved."""
     url, settings = target
-    ini = make_ini(url, **settings)
+    ini = make_ini(url, transaction="per-migration", **settings)
     with holder_hanging_in(ini, url, trace, "r3") as proc:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-    result = ensure_migrated(make_engine(url), config=ini, timeout=10)
+    engine = make_engine(url)
     bound = settings.get("lock_ttl", 0) + 2 if "lock" in settings else 5
+    if "lock" not in settings:  # MySQL
+        started = time.monotonic()
+        with pytest.raises(MigrationInterrupted) as info:
+            ensure_migrated(engine, config=ini, timeout=10)
+        assert time.monotonic() - started < bound
+        assert (info.value.revision, info.value.failed) == ("r3", False)
+        assert f"pid {proc.pid} on " in info.value.holder
+        assert heads_of(url) == {"r2"}
+        resolve(engine, "r3", applied=False, config=ini)  # r3 hung before any DDL
+    result = ensure_migrated(engine, config=ini, timeout=10)
     assert result.waited_s < bound
     assert result.applied == ("r3", "r4", "r5")
-    assert heads_of(url) == {"r5"}
 
 
 def test_sub_second_timeout_is_honoured(
@@ -147,7 +159,9 @@ def test_redis_expiry_while_held_gives_lock_lost(
 ) -> None:
     """The holder is frozen (SIGSTOP: no renewal) past lock_ttl: when it resumes it finishes
     the revision in progress and stops with LockLost before the next one."""
-    ini = make_ini(pg_url, lock=redis_url, namespace=redis_ns, lock_ttl=2)
+    ini = make_ini(
+        pg_url, lock=redis_url, namespace=redis_ns, lock_ttl=2, transaction="per-migration"
+    )
     proc = start_worker(
         ini, pg_url, env=worker_env(AUTOLOCK_TEST_SLEEP="0.5", AUTOLOCK_TEST_TRACE=str(trace.path))
     )
@@ -167,6 +181,31 @@ def test_redis_expiry_while_held_gives_lock_lost(
     assert heads_of(pg_url) == {"r2"}
 
 
+def test_lock_lost_in_one_transaction_reports_everything_rolled_back(
+    pg_url: str, redis_url: str, redis_ns: str, make_ini: Any, trace: Any
+) -> None:
+    """transaction = all: LockLost before r3 rolls back r1 and r2 with the rest, and the error
+    says so (it used to list them as applied)."""
+    ini = make_ini(pg_url, lock=redis_url, namespace=redis_ns, lock_ttl=2, transaction="all")
+    proc = start_worker(
+        ini, pg_url, env=worker_env(AUTOLOCK_TEST_SLEEP="0.5", AUTOLOCK_TEST_TRACE=str(trace.path))
+    )
+    assert wait_for(lambda: "r2" in trace.bodies(), 30)
+    os.kill(proc.pid, signal.SIGSTOP)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        assert wait_for(lambda: client.get(f"lock:{key_name(redis_ns)}") is None, 10)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        client.close()
+    outcome = finish(proc)
+    assert (outcome.data["error"], outcome.data["revision"]) == ("LockLost", "r3")
+    assert outcome.data["applied"] == []
+    assert "database unchanged at no revision" in outcome.data["message"]
+    assert "was rolled back" in outcome.data["message"]
+    assert heads_of(pg_url) == set()
+
+
 @pytest.mark.parametrize("kind", ["postgresql", "mysql"])
 def test_dropped_lock_connection_gives_lock_lost(
     kind: str, request: pytest.FixtureRequest, make_ini: Any, trace: Any
@@ -174,7 +213,7 @@ def test_dropped_lock_connection_gives_lock_lost(
     """The database ends the holder's lock session: the holder stops before the next
     revision with LockLost."""
     url = request.getfixturevalue("pg_url" if kind == "postgresql" else "mysql_url")
-    ini = make_ini(url)
+    ini = make_ini(url, transaction="per-migration")
     proc = start_worker(
         ini, url, env=worker_env(AUTOLOCK_TEST_SLEEP="0.5", AUTOLOCK_TEST_TRACE=str(trace.path))
     )
@@ -219,7 +258,13 @@ def test_redis_restart_while_holding_stops_before_next_revision(
 ) -> None:
     """Redis restarts (losing every key) while a holder migrates: it stops before the next
     revision with LockLost; nothing beyond the revision in progress was applied."""
-    ini = make_ini(pg_url, lock=own_redis.url, namespace="restart-test", lock_ttl=5)
+    ini = make_ini(
+        pg_url,
+        lock=own_redis.url,
+        namespace="restart-test",
+        lock_ttl=5,
+        transaction="per-migration",
+    )
     proc = start_worker(
         ini, pg_url, env=worker_env(AUTOLOCK_TEST_SLEEP="0.7", AUTOLOCK_TEST_TRACE=str(trace.path))
     )
@@ -253,19 +298,31 @@ def test_redis_down_while_waiting_fails_closed(
     assert trace.bodies() == ["r1"]
 
 
-def test_mysql_failure_says_ddl_may_be_committed(
+def test_mysql_failure_is_journalled_and_refused_next_time(
     mysql_url: str, make_ini: Any, make_engine: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """MySQL has no transactional DDL: the error says so and names the version recorded."""
+    """MySQL has no transactional DDL: the error says the failed revision's work is committed,
+    and the next run refuses to re-run it until an operator resolves it."""
+    engine = make_engine(mysql_url)
+    ini = make_ini(mysql_url)
     monkeypatch.setenv("AUTOLOCK_TEST_FAIL_AT", "r2")
     with pytest.raises(MigrationFailed) as info:
-        ensure_migrated(make_engine(mysql_url), config=make_ini(mysql_url))
+        ensure_migrated(engine, config=ini)
     err = info.value
     assert (err.revision, err.applied, err.heads) == ("r2", ("r1",), ("r1",))
-    assert err.state.startswith(
-        "database at revision r1; mysql migrations run without transactional DDL"
-    )
-    assert "DDL statements of r2 that ran before the error are committed" in str(err)
+    assert err.state.startswith("database at revision r1; r2 ran outside a transaction")
+    monkeypatch.delenv("AUTOLOCK_TEST_FAIL_AT")
+    with pytest.raises(MigrationInterrupted) as refused:
+        ensure_migrated(engine, config=ini)
+    assert (refused.value.revision, refused.value.failed) == ("r2", True)
+    assert "RuntimeError: revision r2 failed on purpose" in str(refused.value)
+    # its CREATE TABLE t2 committed: the operator completes it by hand and says it is applied
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO t2 (id, note) VALUES (1, 'r2')"))
+    assert main(["-c", ini, "resolve", "r2", "--applied"]) == 0
+    assert heads_of(mysql_url) == {"r2"}
+    result = ensure_migrated(engine, config=ini)
+    assert result.applied == ("r3", "r4", "r5")
 
 
 @pytest.mark.parametrize("kind", ["postgresql", "mysql"])
@@ -275,7 +332,7 @@ def test_orphaned_migration_session_is_waited_for_then_ended(
     """A holder killed while its migration session runs a long statement: the next holder
     does not migrate beside it; with orphan_wait = 0 it terminates it, with an event."""
     url = request.getfixturevalue("pg_url" if kind == "postgresql" else "mysql_url")
-    ini = make_ini(url)
+    ini = make_ini(url, transaction="per-migration")
     # MySQL commits DDL at once, so there the sleep comes before the revision's DDL
     where = "r3" if kind == "postgresql" else "r3:before"
     proc = start_worker(
@@ -287,8 +344,13 @@ def test_orphaned_migration_session_is_waited_for_then_ended(
     time.sleep(0.2)  # the statement is running in the server
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    engine = make_engine(url)
     with capture_logs() as logs:
-        result = ensure_migrated(make_engine(url), config=ini, orphan_wait=0, timeout=10)
+        if kind == "mysql":  # r3 was cut short outside a transaction: not re-run blindly
+            with pytest.raises(MigrationInterrupted):
+                ensure_migrated(engine, config=ini, orphan_wait=0, timeout=10)
+            resolve(engine, "r3", applied=False, config=ini)
+        result = ensure_migrated(engine, config=ini, orphan_wait=0, timeout=10)
     assert result.applied == ("r3", "r4", "r5")
     orphan_events = [e["event"] for e in logs if e["event"].startswith("orphan.")]
     assert orphan_events == ["orphan.waiting", "orphan.terminated"]
@@ -299,7 +361,7 @@ def test_orphaned_session_that_ends_by_itself_is_waited_for(
 ) -> None:
     """On PostgreSQL 14+ the orphan notices its dead client within a second
     (client_connection_check_interval); the next holder waits for it to end."""
-    ini = make_ini(pg_url)
+    ini = make_ini(pg_url, transaction="per-migration")
     proc = start_worker(
         ini,
         pg_url,
@@ -319,22 +381,25 @@ def test_orphaned_session_that_ends_by_itself_is_waited_for(
 def test_holders_show_holder_and_waiters(
     pg_url: str, make_ini: Any, make_engine: Any, trace: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`holders` names the holding session and the waiting ones (PostgreSQL)."""
+    """`holders` names the holding session, the holder's migration session (the fence) and the
+    designated waiter (PostgreSQL)."""
     ini = make_ini(pg_url)
     waiter = None
     with holder_hanging_in(ini, pg_url, trace, "r1") as holder:
         waiter = start_worker(ini, pg_url, "--setting", "timeout=30")
         engine = make_engine(pg_url)
-        assert wait_for(lambda: len(lock_holders(engine, config=ini)[2]) == 2, 20)
+        assert wait_for(lambda: len(lock_holders(engine, config=ini)[2]) == 3, 20)
         backend, _, found = lock_holders(engine, config=ini)
         assert backend == "postgresql"
         assert [
-            (h.waiting, f":{p}:" in (h.owner or ""))
-            for h, p in zip(found, (holder.pid, waiter.pid), strict=True)
-        ] == [(False, True), (True, True)]
+            (h.role, h.waiting, f":{p}:" in (h.owner or ""))
+            for h, p in zip(found, (holder.pid, holder.pid, waiter.pid), strict=True)
+        ] == [("lock", False, True), ("fence", False, True), ("wait", True, True)]
+        assert found[1].owner.startswith("autolock:migrate:")
         assert main(["-c", ini, "holders"]) == 0
         out = capsys.readouterr().out
         assert "held by: pid" in out
+        assert "migrating: pid" in out
         assert "waiting: pid" in out
         assert status(engine, config=ini).holders == found
         waiter.kill()
@@ -397,8 +462,13 @@ def test_unlock_database_lock_needs_force(
         assert "pass --force" in err
         assert main(["-c", ini, "unlock", "--force", "--yes"]) == 0
         assert "cleared:" in capsys.readouterr().out
-        # the holder still hangs in r1 without its lock: its session is an orphan now
-        result = ensure_migrated(make_engine(url), config=ini, timeout=5, orphan_wait=0.5)
+        # --force ended the holder's lock and migration sessions
+        engine = make_engine(url)
+        if kind == "mysql":  # r1 was cut short outside a transaction: not re-run blindly
+            with pytest.raises(MigrationInterrupted):
+                ensure_migrated(engine, config=ini, timeout=5, orphan_wait=0.5)
+            resolve(engine, "r1", applied=False, config=ini)
+        result = ensure_migrated(engine, config=ini, timeout=5, orphan_wait=0.5)
         assert result.action == "upgraded"
 
 
@@ -436,7 +506,7 @@ def test_lock_none_never_terminates_another_migrator(
 ) -> None:
     """With lock = none another process may be migrating right now: its session is not an
     orphan, and is left alone."""
-    ini = make_ini(pg_url, lock="none")
+    ini = make_ini(pg_url, lock="none", transaction="per-migration")
     proc = start_worker(
         ini,
         pg_url,
@@ -470,14 +540,16 @@ def test_holders_on_mysql_and_redis(
         if not settings:  # MySQL: a waiter shows in PROCESSLIST while it waits
             waiter = start_worker(ini, url, "--setting", "timeout=30")
             engine = make_engine(url)
-            assert wait_for(lambda: len(lock_holders(engine, config=ini)[2]) == 2, 20)
+            assert wait_for(lambda: len(lock_holders(engine, config=ini)[2]) == 3, 20)
         assert main(["-c", ini, "holders", "--json"]) == 0
         doc = json.loads(capsys.readouterr().out)
         if waiter is not None:
             waiter.kill()
             waiter.wait()
-    held = [h for h in doc["holders"] if not h["waiting"]]
+    held = [h for h in doc["holders"] if h["role"] == "lock"]
     assert len(held) == 1
+    fence = [h for h in doc["holders"] if h["role"] == "fence"]
+    assert len(fence) == 1  # the holder's migration session, in the database
     if settings:
         assert doc["backend"] == "redis"
         assert f":{holder.pid}:worker.py:" in held[0]["owner"]
@@ -486,4 +558,8 @@ def test_holders_on_mysql_and_redis(
         assert doc["backend"] == "mysql"
         assert held[0]["session"].startswith("connection ")
         assert (held[0]["owner"], held[0]["client"].split(":")[0]) == ("root", "127.0.0.1")
-        assert [h["waiting"] for h in doc["holders"]] == [False, True]
+        assert [(h["role"], h["waiting"]) for h in doc["holders"]] == [
+            ("lock", False),
+            ("fence", False),
+            ("wait", True),
+        ]

@@ -84,7 +84,7 @@ def test_lock_timeout_names_the_holder(
             ensure_migrated(make_engine(pg_url), config=ini, timeout=1)
     err = info.value
     assert 1.0 <= err.waited_s < 3.0
-    [held] = [h for h in err.holders if not h.waiting]
+    [held] = [h for h in err.holders if h.role == "lock"]
     assert held.owner is not None and held.owner.startswith("autolock:lock:")
     assert f":{holder.pid}:" in held.owner
     assert held.owner in str(err) and "timed out after 1." in str(err)
@@ -95,7 +95,7 @@ def test_killed_holder_does_not_block_the_next_process(
 ) -> None:
     """A holder killed with SIGKILL inside revision r3: the next process gets the lock within
     5 s and finishes the job from the last committed revision (r2)."""
-    ini = make_ini(pg_url)
+    ini = make_ini(pg_url, transaction="per-migration")
     with holder_hanging_in(ini, pg_url, trace, "r3") as holder:
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()

@@ -199,12 +199,12 @@ def test_second_lock_on_a_shared_server_session_raises_config_error(
     first = PostgresLock(make_engine(pg_url), NAMESPACE, lock_url=single_url)
     second = PostgresLock(make_engine(single_url), NAMESPACE)
     try:
-        assert first.acquire(0) is True
+        assert first.attempt(None, first=None, describe=False).got is True
         holders = _advisory_holders(pg_url, first.key)
         assert len(holders) == 1 and holders[0][1], holders
 
         with pytest.raises(ConfigError) as caught:
-            second.acquire(0)
+            second.attempt(None, first=None, describe=False)
         _assert_names_pgbouncer(str(caught.value))
         assert f"pid {holders[0][0]}" in str(caught.value)  # the shared server session
         assert caught.value.key == "lock_url"
@@ -351,7 +351,7 @@ def test_lock_url_at_a_transaction_pool_is_reported_lost(
     lock = PostgresLock(make_engine(pg_url), NAMESPACE, lock_url=tx_url)
     other = make_engine(tx_url).connect()
     try:
-        assert lock.acquire(0) is True
+        assert lock.attempt(None, first=None, describe=False).got is True
         assert lock.lost() is None
         held = _advisory_holders(pg_url, lock.key)
         assert len(held) == 1, held

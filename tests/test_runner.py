@@ -18,6 +18,7 @@ from alembic_autolock import (
     DatabaseUnavailable,
     GateClosed,
     MigrationFailed,
+    MigrationInterrupted,
     PendingMigrations,
     downgrade,
     ensure_migrated,
@@ -25,6 +26,7 @@ from alembic_autolock import (
     status,
     upgrade,
 )
+from alembic_autolock._runner import resolve
 from alembic_autolock.locks.postgresql import advisory_key
 
 
@@ -108,7 +110,7 @@ def test_failure_per_migration_keeps_the_last_good_revision(
     """A revision that raises: MigrationFailed names it, earlier ones stay committed, the lock
     is free at once, and the next run resumes from there."""
     engine = make_engine(pg_url)
-    ini = make_ini(pg_url)
+    ini = make_ini(pg_url, transaction="per-migration")
     monkeypatch.setenv("AUTOLOCK_TEST_FAIL_AT", "r3")
     with capture_logs() as logs, pytest.raises(MigrationFailed) as info:
         ensure_migrated(engine, config=ini)
@@ -132,14 +134,18 @@ def test_failure_per_migration_keeps_the_last_good_revision(
 def test_failure_in_one_transaction_leaves_database_unchanged(
     pg_url: str, make_ini: Any, make_engine: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """transaction = all on PostgreSQL: a failure rolls back the whole run."""
+    """transaction = all (the default, as Alembic's) on PostgreSQL: a failure rolls back the
+    whole run, and the error says so rather than listing r1 and r2 as applied."""
     engine = make_engine(pg_url)
     monkeypatch.setenv("AUTOLOCK_TEST_FAIL_AT", "r3")
     with pytest.raises(MigrationFailed) as info:
-        ensure_migrated(engine, config=make_ini(pg_url, transaction="all"))
+        ensure_migrated(engine, config=make_ini(pg_url))
     err = info.value
     assert (err.revision, err.applied, err.heads) == ("r3", (), ())
-    assert err.state == "database unchanged at no revision (empty version table)"
+    assert err.state == (
+        "database unchanged at no revision (empty version table) (what this run did of r1, r2 "
+        "was rolled back)"
+    )
     assert not inspect(engine).has_table("t1")
 
 
@@ -395,18 +401,34 @@ def test_uncommitted_env_py_run_is_reported_for_any_target(
     assert heads_of(pg_url) == set()
 
 
-def test_sqlite_failure_says_ddl_is_not_transactional(
+def test_sqlite_failure_is_journalled_and_not_rerun_blindly(
     sqlite_url: str, make_ini: Any, make_engine: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On SQLite Alembic runs DDL outside transactions: the error says the failed revision's
-    DDL may remain."""
+    work is committed, and the next run refuses to re-run it until it is resolved."""
+    engine = make_engine(sqlite_url)
+    ini = make_ini(sqlite_url)
     monkeypatch.setenv("AUTOLOCK_TEST_FAIL_AT", "r3")
     with pytest.raises(MigrationFailed) as info:
-        ensure_migrated(make_engine(sqlite_url), config=make_ini(sqlite_url))
-    assert info.value.state.startswith(
-        "database at revision r2; sqlite migrations run without transactional DDL, so DDL "
-        "statements of r3 that ran before the error are committed"
+        ensure_migrated(engine, config=ini)
+    assert info.value.state == (
+        "database at revision r2; r3 ran outside a transaction, so what it did before it "
+        "stopped is committed: the journal records it, and the next run will not re-run it "
+        "until you say what state it left (`alembic-autolock resolve r3 --applied|--not-applied`)"
     )
+    assert inspect(engine).has_table("t3")  # the half of r3 that ran is there
+    monkeypatch.delenv("AUTOLOCK_TEST_FAIL_AT")
+    with pytest.raises(MigrationInterrupted) as refused:
+        ensure_migrated(engine, config=ini, cache_ttl=0)
+    assert (refused.value.revision, refused.value.failed) == ("r3", True)
+    assert "resolve r3 --not-applied" in str(refused.value)
+    assert heads_of(sqlite_url) == {"r2"}
+    # the operator undoes the half-run part, says so, and the next run applies r3 again
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE t3"))
+    assert resolve(engine, "r3", applied=False, config=ini) == ("r2",)
+    result = ensure_migrated(engine, config=ini, cache_ttl=0)
+    assert (result.action, result.applied) == ("upgraded", ("r3", "r4", "r5"))
 
 
 def test_pending_command_names_the_engine_url_when_the_config_differs(

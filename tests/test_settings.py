@@ -28,7 +28,7 @@ def test_defaults_without_any_source() -> None:
         30.0,
         300.0,
         "upgrade",
-        "per-migration",
+        "all",
     )
     assert (s.environment, s.allow_downgrade, s.version_table) == (
         "development",

@@ -1,30 +1,33 @@
-"""MySQL and MariaDB: a user-level lock (``GET_LOCK``) on a dedicated connection.
+"""MySQL and MariaDB: user-level locks (``GET_LOCK``).
 
-As for PostgreSQL, the lock connection is made like the application's connections, outside its
-pool, and closed after release (``_session.py``); the server frees a user-level lock when its
-session ends, so a dead holder never blocks anyone for longer than it takes the server to notice
-the closed socket. A waiter blocks in the server in slices of at most 0.25 s (``GET_LOCK(name,
-slice)``; fractional timeouts are honoured), so it wakes as soon as the lock is released, a sub-
-second timeout is exact, and while it waits it is visible in PROCESSLIST (state "User lock").
+As for PostgreSQL (see ``_session.py`` and ``postgresql.py``), three locks per namespace:
 
-Lock names are limited to 64 characters and are server-wide (not per database), so the name is
-``autolock:`` and a hash of the namespace (which includes the database name).
+* the **lock**, held by the holder's lock session;
+* the **designation**, held by at most one waiting process, which then waits for the lock inside
+  the server (``GET_LOCK(name, slice)`` in slices of at most 0.25 s), so it wakes as soon as the
+  lock is released; every other waiter holds no session;
+* the **fence**, held by the holder's migration session for the whole run
+  (:class:`MySQLFence`).
+
+The server frees a user-level lock when its session ends, so a dead holder never blocks anyone
+for longer than it takes the server to notice the closed socket. Lock names are limited to 64
+characters and are server-wide (not per database), so each name is ``autolock:`` and a hash of
+the namespace (which includes the database name) and the role.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
-from . import Holder, cannot_unlock
-from ._session import SessionLock, close, open_side_connection, side_connection
+from . import Backoff, Holder, cannot_unlock
+from ._session import DatabaseFence, SessionLock, first_line, side_connection
 
 
 def lock_name(namespace: str) -> str:
@@ -32,116 +35,150 @@ def lock_name(namespace: str) -> str:
     return "autolock:" + hashlib.blake2b(namespace.encode(), digest_size=20).hexdigest()
 
 
-_SLICE = 0.25
-_OWNER_SQL = text("SELECT IS_USED_LOCK(:name)")
+def lock_names(namespace: str) -> tuple[str, str, str]:
+    """(lock, designation, fence) names of ``namespace``."""
+    return (
+        lock_name(namespace),
+        lock_name(namespace + "\x00wait"),
+        lock_name(namespace + "\x00fence"),
+    )
 
-_HOLDER_SQL = text("SELECT ID, USER, HOST, TIME FROM information_schema.PROCESSLIST WHERE ID = :id")
 
-# Waiters are blocked in GET_LOCK('<name>', ...); the name is hex, so LIKE needs no escaping.
-_WAITERS_SQL = text(
-    "SELECT ID, USER, HOST, TIME FROM information_schema.PROCESSLIST "
-    "WHERE INFO LIKE :pattern AND ID <> CONNECTION_ID() ORDER BY TIME DESC"
+_OWNERS_SQL = text(
+    "SELECT IS_USED_LOCK(:lock) AS lock_owner, IS_USED_LOCK(:wait) AS wait_owner, "
+    "IS_USED_LOCK(:fence) AS fence_owner, CONNECTION_ID() AS me"
 )
+_PROCESS_SQL = text(
+    "SELECT ID, USER, HOST, TIME, INFO FROM information_schema.PROCESSLIST WHERE ID = :id"
+)
+_GET_SQL = text("SELECT GET_LOCK(:name, :wait)")
+_RELEASE_SQL = text("SELECT RELEASE_LOCK(:name)")
 
 
 class MySQLLock(SessionLock):
     name = "mysql"
-    _unlock_sql = text("SELECT RELEASE_LOCK(:name)")
+    blocks_in_server = True
 
     def __init__(self, engine: Engine, namespace: str, *, lock_url: str | None = None) -> None:
         super().__init__(engine, namespace, lock_url=lock_url)
-        self.lock_name = lock_name(namespace)
+        self.lock_name, self.wait_name, self.fence_name = lock_names(namespace)
         self._conn_id: int | None = None
 
-    def _unlock_params(self) -> dict[str, Any]:
-        return {"name": self.lock_name}
+    def _try(self, conn: Connection) -> tuple[bool, bool]:
+        if conn.execute(_GET_SQL, {"name": self.lock_name, "wait": 0}).scalar() == 1:
+            self._conn_id = int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
+            return True, False
+        waiter = conn.execute(_GET_SQL, {"name": self.wait_name, "wait": 0}).scalar() == 1
+        return False, waiter
 
-    def acquire(self, timeout: float) -> bool:
-        if self._conn is None:
-            self._conn = open_side_connection(self.engine, self._lock_engine)
-            self._conn_id = int(self._conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = max(0.0, deadline - time.monotonic())
-            got = self._conn.execute(
-                text("SELECT GET_LOCK(:name, :wait)"),
-                {"name": self.lock_name, "wait": round(min(remaining, _SLICE), 3)},
-            ).scalar()
-            if got == 1:
-                self._held = True
-                return True
-            if remaining <= 0 or time.monotonic() >= deadline:
-                return False
+    def _try_lock(self, conn: Connection, wait: float) -> bool:
+        got = conn.execute(_GET_SQL, {"name": self.lock_name, "wait": round(wait, 3)}).scalar()
+        if got != 1:
+            return False
+        conn.execute(_RELEASE_SQL, {"name": self.wait_name})
+        self._conn_id = int(conn.execute(text("SELECT CONNECTION_ID()")).scalar_one())
+        return True
+
+    def _drop_designation(self, conn: Connection) -> None:
+        conn.execute(_RELEASE_SQL, {"name": self.wait_name})
+
+    def _unlock(self, conn: Connection) -> None:
+        conn.execute(_RELEASE_SQL, {"name": self.lock_name})
 
     def lost(self) -> str | None:
         if self._conn is None or not self._held:
             return "the lock was never acquired or already released"
+        if self._conn.invalidated:
+            return "the lock connection was closed (the server ended the lock session)"
         try:
-            owner = self._owner(self._conn)
-        except DBAPIError as exc:
-            return f"the lock connection failed: {str(exc.orig).strip().splitlines()[0]}"
-        if owner != self._conn_id:
+            owner = self._conn.execute(
+                text("SELECT IS_USED_LOCK(:name)"), {"name": self.lock_name}
+            ).scalar()
+        except SQLAlchemyError as exc:
+            return f"the lock connection failed: {first_line(exc)}"
+        if owner is None or int(owner) != self._conn_id:
             return f"GET_LOCK({self.lock_name!r}) is no longer held by this session"
         return None
 
-    def holders(self) -> list[Holder]:
-        conn = self._conn or open_side_connection(self.engine, self._lock_engine)
-        try:
-            owner = self._owner(conn)
-            row = None
-            if owner is not None:
-                row = conn.execute(_HOLDER_SQL, {"id": owner}).mappings().first()
-            waiting = (
-                conn.execute(_WAITERS_SQL, {"pattern": f"%GET_LOCK('{self.lock_name}',%"})
-                .mappings()
-                .all()
-            )
-        finally:
-            if conn is not self._conn:
-                close(conn)
-        found = [] if owner is None else [_holder(int(owner), row, waiting=False)]
-        return found + [_holder(int(w["ID"]), w, waiting=True) for w in waiting if w["ID"] != owner]
-
-    def _owner(self, conn: Connection) -> int | None:
-        """The connection id of whoever holds the lock, or None."""
-        owner = conn.execute(_OWNER_SQL, {"name": self.lock_name}).scalar()
-        return None if owner is None else int(owner)
+    def _holders(self, conn: Connection) -> list[Holder]:
+        return holders_on(conn, self.lock_name, self.wait_name, self.fence_name)
 
     def unlock(self, *, owner: str | None, force: bool) -> list[Holder]:
-        held = [h for h in self.holders() if not h.waiting]
-        if not held:
+        found = [h for h in self.holders() if not h.waiting]
+        if not found:
             return []
         if not force:
             raise cannot_unlock(
                 self.name,
-                held,
+                found,
                 "a user-level lock is released when its session ends; pass --force to end "
-                "that session (KILL)",
+                "that session (KILL), and the migration session that holds the fence with it",
             )
         with side_connection(self.engine, self._lock_engine) as conn:
-            for holder in held:
+            for holder in found:
                 with contextlib.suppress(DBAPIError):  # it may have ended meanwhile
                     conn.execute(text("KILL :id"), {"id": holder.session_id})
-            deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and self._owner(conn) is not None:
-                time.sleep(0.05)
-        return held
+            backoff = Backoff(5)
+            while any(not h.waiting for h in self._holders(conn)) and backoff.sleep():
+                pass
+        return found
 
 
-def _holder(owner: int, row: Any, *, waiting: bool) -> Holder:
+def holders_on(conn: Connection, lock: str, wait: str, fence: str) -> list[Holder]:
+    row = conn.execute(_OWNERS_SQL, {"lock": lock, "wait": wait, "fence": fence}).one()
+    found = []
+    for role, owner in (
+        ("lock", row.lock_owner),
+        ("fence", row.fence_owner),
+        ("wait", row.wait_owner),
+    ):
+        if owner is None or int(owner) == int(row.me):
+            continue
+        process = conn.execute(_PROCESS_SQL, {"id": int(owner)}).mappings().first()
+        found.append(_holder(int(owner), process, role=role))
+    return found
+
+
+class MySQLFence(DatabaseFence):
+    """The fence: ``GET_LOCK`` held by the migration session itself for the whole run."""
+
+    name = "mysql"
+    privilege_hint = "KILL needs the CONNECTION ADMIN or SUPER privilege"
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.lock_name, self.wait_name, self.fence_name = lock_names(namespace)
+
+    def _try(self, conn: Connection, role_name: str | None) -> bool:
+        return bool(conn.execute(_GET_SQL, {"name": self.fence_name, "wait": 0}).scalar() == 1)
+
+    def _release_statement(self) -> tuple[Any, dict[str, Any]]:
+        return _RELEASE_SQL, {"name": self.fence_name}
+
+    def holders(self, conn: Connection) -> list[Holder]:
+        found = holders_on(conn, self.lock_name, self.wait_name, self.fence_name)
+        return [h for h in found if h.role == "fence"]
+
+    def _end_one(self, conn: Connection, holder: Holder) -> None:
+        conn.execute(text("KILL :id"), {"id": holder.session_id})
+
+
+def _holder(owner: int, row: Any, *, role: str) -> Holder:
     if row is None:
-        return Holder(backend="mysql", session=f"connection {owner}", session_id=owner)
+        return Holder(backend="mysql", session=f"connection {owner}", session_id=owner, role=role)
     host = str(row["HOST"] or "")
+    waiting = role == "wait"
     return Holder(
         backend="mysql",
         waiting=waiting,
+        role=role,
         session=f"connection {owner}",
         session_id=owner,
         owner=str(row["USER"]),
         owner_kind="user",
         client=host or None,
-        # a holder is idle since it last checked the lock; a waiter's TIME restarts with each
-        # GET_LOCK slice, so it says nothing about how long it has waited
+        # MySQL exposes no lock time: TIME is how long the session has been in its current
+        # state (for a holder: since it last checked the lock)
         since=None if waiting else datetime.now(UTC) - timedelta(seconds=int(row["TIME"] or 0)),
         since_is_last_activity=True,
     )

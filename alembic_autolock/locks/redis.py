@@ -31,6 +31,7 @@ Pitfalls and what is done about them:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -38,12 +39,13 @@ import os
 import socket
 import sys
 import threading
+import time
 import weakref
 from typing import Any
 
-from .._events import mask_url
+from .._mask import mask_text, mask_url
 from ..exceptions import LockUnavailable
-from . import Backoff, Holder, cannot_unlock
+from . import LOOK_EVERY, Attempt, Backoff, Holder, Watch, cannot_unlock
 
 try:
     import redis
@@ -127,15 +129,22 @@ def client_for(url: str) -> Any:
 
 
 class RedisLock:
+    """The lock is a python-redis-lock key; the designation a plain key of ours with a short
+    expiry (``lock:`` prefix aside, both under one hash tag); the fence lives in the database
+    (see ``make_fence``)."""
+
     name = "redis"
 
     def __init__(self, url: str, namespace: str, *, ttl: float) -> None:
         self.url = url
         self.namespace = namespace
         self.key = key_name(namespace)
+        self.wait_key = self.key + ":waiter"
         self.ttl = max(2, math.ceil(ttl))
         self._client = client_for(url)
         self._lock: _RenewingLock | None = None
+        self._waiter_id: str | None = None
+        self._unreachable: BaseException | None = None
 
     def _new_lock(self) -> _RenewingLock:
         _install_quiet_filter()
@@ -143,40 +152,84 @@ class RedisLock:
         # behind a module-global flag. Done first from our subclass, the base class would
         # never get them and the application's own redis_lock.Lock would break.
         redis_lock.Lock.register_scripts(self._client)
-        try:
-            lock = _RenewingLock(
-                self._client, self.key, expire=self.ttl, id=owner_id(), auto_renewal=True
-            )
-        except redis.RedisError as exc:  # registering its scripts talks to Redis
-            raise self.unavailable(exc) from exc
+        lock = _RenewingLock(
+            self._client, self.key, expire=self.ttl, id=owner_id(), auto_renewal=True
+        )
         lock._lock_renewal_interval = self.ttl / 3
         return lock
 
-    def acquire(self, timeout: float) -> bool:
+    def _try(self) -> bool:
         if self._lock is None:
             self._lock = self._new_lock()
-        backoff = Backoff(timeout)
-        while True:
-            try:
-                got = self._lock.acquire(blocking=False)
-            except redis.RedisError as exc:
-                raise self.unavailable(exc) from exc
-            if got:
-                return True
-            if not backoff.sleep():
-                return False
+        return bool(self._lock.acquire(blocking=False))
+
+    def attempt(self, watch: Watch | None, *, first: Any, describe: bool) -> Attempt:
+        if first is not None:
+            first.close()
+        try:
+            if self._try():
+                return Attempt(got=True)
+            waiter = owner_id()
+            if self._client.set(self.wait_key, waiter, nx=True, px=_WAITER_TTL_MS):
+                self._waiter_id = waiter
+                return Attempt(designated=True, holders=self.holders() if describe else None)
+            holders = self.holders() if describe else None
+        except redis.RedisError as exc:
+            self._unreachable = exc
+            raise self.unavailable(exc) from exc
+        heads = watch.read(None) if watch is not None else None
+        return Attempt(heads=heads, holders=holders)
+
+    def wait_designated(self, deadline: float, watch: Watch | None) -> Attempt:
+        backoff = Backoff(max(0.0, deadline - time.monotonic()))
+        next_look = time.monotonic() + LOOK_EVERY
+        try:
+            while True:
+                if self._try():
+                    self._end_designation()
+                    return Attempt(got=True)
+                if not self._client.eval(
+                    _REFRESH_WAITER, 1, self.wait_key, self._waiter_id, _WAITER_TTL_MS
+                ):
+                    self._waiter_id = None  # expired (we were frozen): wait as anybody else
+                    return Attempt()
+                now = time.monotonic()
+                if watch is not None and now >= next_look:
+                    next_look = now + LOOK_EVERY
+                    heads = watch.read(None)
+                    if watch.done(heads):
+                        self._end_designation()
+                        return Attempt(heads=heads)
+                if not backoff.sleep():
+                    self._end_designation()
+                    return Attempt()
+        except redis.RedisError as exc:
+            raise self.unavailable(exc) from exc
+
+    def _end_designation(self) -> None:
+        waiter, self._waiter_id = self._waiter_id, None
+        if waiter is not None:
+            with contextlib.suppress(redis.RedisError):
+                self._client.eval(_DROP_WAITER, 1, self.wait_key, waiter)
 
     def unavailable(self, exc: BaseException) -> LockUnavailable:
         masked = mask_url(self.url)
+        detail = mask_text(f"{type(exc).__name__}: {exc}", self.url)
         return LockUnavailable(
-            f"cannot reach the Redis lock server at {masked} ({type(exc).__name__}: {exc}); "
-            "nothing was applied without the lock. Check that Redis is running and that the "
-            "lock URL is right.",
+            f"cannot reach the Redis lock server at {masked} ({detail}); nothing was applied "
+            "without the lock. Check that Redis is running and that the lock URL is right.",
             backend="redis",
             url=masked,
         )
 
+    def unreachable_error(self, exc: BaseException) -> LockUnavailable:
+        return self.unavailable(exc)
+
+    def last_unreachable(self) -> BaseException | None:
+        return self._unreachable
+
     def release(self) -> None:
+        self._end_designation()
         lock, self._lock = self._lock, None
         try:
             if lock is not None and lock._lock_renewal_thread is not None:
@@ -184,17 +237,22 @@ class RedisLock:
         except (redis_lock.NotAcquired, redis.RedisError):
             pass  # expired, taken or unreachable: lost() has already said so before each step
 
+    def session(self) -> None:
+        return None
+
     def lost(self) -> str | None:
         lock = self._lock
         if lock is None or lock._lock_renewal_thread is None:
             return "the lock was never acquired or already released"
         if lock.renewal_error is not None:
             err = lock.renewal_error
-            return f"renewing the lock failed ({type(err).__name__}: {err})"
+            return (
+                f"renewing the lock failed ({type(err).__name__}: {mask_text(str(err), self.url)})"
+            )
         try:
             current = lock.get_owner_id()
         except redis.RedisError as exc:
-            return f"Redis is unreachable ({type(exc).__name__}: {exc})"
+            return f"Redis is unreachable ({type(exc).__name__}: {mask_text(str(exc), self.url)})"
         if current != lock.id:
             who = f"now held by {current}" if current else "it expired"
             return f"the lock key no longer holds our owner id ({who})"
@@ -203,23 +261,28 @@ class RedisLock:
     def holders(self) -> list[Holder]:
         name = "lock:" + self.key
         try:
-            owner = self._client.get(name)
-            ttl_ms = self._client.pttl(name) if owner is not None else None
+            pipe = self._client.pipeline(transaction=False)
+            pipe.get(name)
+            pipe.pttl(name)
+            pipe.get(self.wait_key)
+            owner, ttl_ms, waiter = pipe.execute()
         except redis.RedisError as exc:
             raise self.unavailable(exc) from exc
-        if owner is None:
-            return []
-        text = owner.decode("utf-8", "replace") if isinstance(owner, bytes) else str(owner)
-        return [
-            Holder(
-                backend="redis",
-                owner=text,
-                ttl_s=ttl_ms / 1000 if ttl_ms and ttl_ms > 0 else None,
+        found = []
+        if owner is not None:
+            found.append(
+                Holder(
+                    backend="redis",
+                    owner=_text(owner),
+                    ttl_s=ttl_ms / 1000 if ttl_ms and ttl_ms > 0 else None,
+                )
             )
-        ]
+        if waiter is not None:
+            found.append(Holder(backend="redis", owner=_text(waiter), waiting=True, role="wait"))
+        return found
 
     def unlock(self, *, owner: str | None, force: bool) -> list[Holder]:
-        held = self.holders()
+        held = [h for h in self.holders() if not h.waiting]
         if not held:
             return []
         current = held[0].owner
@@ -241,3 +304,19 @@ class RedisLock:
                 self.name, held, f"it is held by {current}, not by {owner}; nothing deleted"
             ) from None
         return held
+
+
+_WAITER_TTL_MS = 3000
+# Extend the designation only while it is still ours; drop it only if it is ours.
+_REFRESH_WAITER = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+)
+_DROP_WAITER = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) "
+    "else return 0 end"
+)
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
