@@ -193,14 +193,16 @@ def _versions(settings: Settings) -> Any:
 
 def heads_on(conn: Connection, settings: Settings) -> tuple[str, ...]:
     """The heads, read on ``conn``: one plain SELECT of the version table (quoted by
-    SQLAlchemy). Only if that fails, as it does on a database that has no version table yet,
-    does Alembic's MigrationContext look (its has_table reflection costs ~10 ms on a new
-    connection, the SELECT well under one)."""
+    SQLAlchemy). If it fails because the table does not exist yet, there are none; only on
+    another failure does Alembic's MigrationContext look (its has_table reflection costs
+    ~10 ms on a new connection, the SELECT well under one)."""
     versions = _versions(settings)
     try:
         return tuple(sorted(conn.execute(select(versions.c.version_num)).scalars()))
-    except DBAPIError:
+    except DBAPIError as exc:
         conn.rollback()
+        if missing_table(exc):
+            return ()
     ctx = MigrationContext.configure(
         connection=conn,
         opts={
@@ -209,6 +211,18 @@ def heads_on(conn: Connection, settings: Settings) -> tuple[str, ...]:
         },
     )
     return tuple(sorted(ctx.get_current_heads()))
+
+
+def missing_table(exc: DBAPIError) -> bool:
+    """Whether a statement failed because its table (or schema) does not exist."""
+    orig = exc.orig
+    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
+    if code is not None:
+        return code in ("42P01", "3F000")  # undefined_table, invalid_schema_name
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):  # MySQL: no such table, unknown database
+        return args[0] in (1146, 1049)
+    return "no such table" in str(orig)  # SQLite
 
 
 def peek_heads(

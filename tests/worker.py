@@ -1,7 +1,7 @@
 """A real process that calls alembic_autolock, for the concurrency tests.
 
     python tests/worker.py CONFIG URL [--op ensure|upgrade|downgrade] [--rev REV]
-                                      [--setting key=value ...] [--barrier]
+                                      [--setting key=value ...] [--barrier] [--nullpool]
 
 With --barrier it imports everything, connects nothing, prints "ready" and waits for a line on
 stdin, so that a test can release many workers at the same instant. It prints one JSON line:
@@ -26,6 +26,7 @@ def main() -> int:
     parser.add_argument("--rev", default=None)
     parser.add_argument("--setting", action="append", default=[])
     parser.add_argument("--barrier", action="store_true")
+    parser.add_argument("--nullpool", action="store_true", help="a NullPool engine (serverless)")
     args = parser.parse_args()
 
     from sqlalchemy import create_engine
@@ -34,7 +35,12 @@ def main() -> int:
     from alembic_autolock import AutolockError
 
     settings = dict(item.split("=", 1) for item in args.setting)
-    engine = create_engine(args.url)
+    if args.nullpool:
+        from sqlalchemy.pool import NullPool
+
+        engine = create_engine(args.url, poolclass=NullPool)
+    else:
+        engine = create_engine(args.url)
     if args.barrier:
         print("ready", flush=True)
         sys.stdin.readline()
@@ -49,7 +55,12 @@ def main() -> int:
         else:
             result = alembic_autolock.downgrade(engine, args.rev, config=args.config, **settings)
     except AutolockError as exc:
-        out = {"error": type(exc).__name__, "message": str(exc), "pid": os.getpid()}
+        out = {
+            "error": type(exc).__name__,
+            "message": str(exc),
+            "pid": os.getpid(),
+            "finished": time.time(),
+        }
         for attr in ("revision", "applied", "heads", "state"):
             if hasattr(exc, attr):
                 value = getattr(exc, attr)
@@ -65,6 +76,7 @@ def main() -> int:
                 "waited_s": result.waited_s,
                 "elapsed_s": result.elapsed_s,
                 "started": started,
+                "finished": time.time(),
                 "pid": os.getpid(),
             }
         ),
