@@ -5,7 +5,7 @@ through the application's structlog pipeline under the logger name ``alembic_aut
 has not, they go to the stdlib logger ``alembic_autolock`` (so an unconfigured app, or
 ``alembic upgrade --sql``, never gets events printed on stdout); the message is
 ``event key=value ...`` and the fields are also on the record as ``autolock_event`` and
-``autolock_fields``.
+``autolock_fields``. URLs in fields are masked by the caller (``mask_url``, re-exported here).
 
 structlog itself is only touched if the application imported it: an application that does not
 use structlog cannot have configured it, and does not pay for importing it.
@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Any
 
-from sqlalchemy.engine import URL, make_url
+from ._mask import mask_url as mask_url  # re-exported: the one masking function, see _mask.py
 
 LOGGER_NAME = "alembic_autolock"
 
@@ -67,21 +67,3 @@ def emit(event: str, level: str = "info", **fields: Any) -> None:
         _stdlib_logger.log(
             levelno, text, extra={"autolock_event": event, "autolock_fields": fields}
         )
-
-
-def mask_url(url: str | URL) -> str:
-    """Render a database or Redis URL with its password replaced by ***."""
-    try:
-        parsed = make_url(url) if isinstance(url, str) else url
-    except Exception:  # not an SQLAlchemy URL (e.g. redis://): mask by hand
-        return _mask_generic(str(url))
-    return parsed.render_as_string(hide_password=True)
-
-
-def _mask_generic(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user, colon, _password = creds.partition(":")
-    return f"{scheme}://{user}{':***' if colon else ''}@{host}"

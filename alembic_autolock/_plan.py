@@ -22,7 +22,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from ._config import ConfigLike, load_config, script_location
-from ._events import mask_url
+from ._mask import mask_text, mask_url
 from ._settings import Settings, resolve_settings
 from .exceptions import ConfigError, DatabaseUnavailable
 from .locks.file import sqlite_path
@@ -125,9 +125,7 @@ def connect(engine: Engine, masked_url: str | None = None) -> Iterator[Connectio
 def unavailable(engine: Engine, exc: DBAPIError, masked_url: str | None = None) -> Exception:
     masked = masked_url or mask_url(engine.url)
     detail = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
-    password = engine.url.password
-    if password:
-        detail = detail.replace(str(password), "***")
+    detail = mask_text(detail, engine.url)  # a driver may quote the password back
     return DatabaseUnavailable(
         f"cannot connect to {masked}: {detail}. Check that the server is running and that the "
         "URL, user and password are right.",

@@ -19,6 +19,7 @@ from . import _events as events
 from . import _state
 from ._config import ConfigLike
 from ._events import mask_url
+from ._mask import mask_text
 from ._plan import Plan, pending_steps, prepare, read_heads, unknown_heads
 from ._run import gate_downgrade, run_alembic
 from ._sessions import reap_orphans
@@ -308,6 +309,7 @@ def status(engine: Engine, *, config: ConfigLike = None, **settings: Any) -> Sta
         holders = tuple(backend.holders())
     except Exception as exc:  # the state of the database is still worth reporting
         error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        error = mask_text(error, engine.url, s.lock_url, s.lock)
     return Status(
         current_heads=heads,
         script_heads=tuple(sorted(plan.script_heads)),

@@ -42,6 +42,7 @@ import weakref
 from typing import Any
 
 from .._events import mask_url
+from .._mask import mask_text
 from ..exceptions import LockUnavailable
 from . import Backoff, Holder, cannot_unlock
 
@@ -169,7 +170,8 @@ class RedisLock:
     def unavailable(self, exc: BaseException) -> LockUnavailable:
         masked = mask_url(self.url)
         return LockUnavailable(
-            f"cannot reach the Redis lock server at {masked} ({type(exc).__name__}: {exc}); "
+            f"cannot reach the Redis lock server at {masked} "
+            f"({type(exc).__name__}: {mask_text(str(exc), self.url)}); "
             "nothing was applied without the lock. Check that Redis is running and that the "
             "lock URL is right.",
             backend="redis",
