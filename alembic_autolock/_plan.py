@@ -3,6 +3,7 @@ per (engine, arguments) and reused until the cache TTL runs out."""
 
 from __future__ import annotations
 
+import configparser
 import copy
 import logging
 import sys
@@ -21,7 +22,7 @@ from sqlalchemy import column, select, table
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from ._config import ConfigLike, load_config, script_location
+from ._config import ConfigLike, ini_error, load_config, script_location
 from ._mask import mask_text, mask_url
 from ._settings import Settings, resolve_settings
 from .exceptions import ConfigError, DatabaseUnavailable
@@ -74,6 +75,8 @@ def load_scripts(cfg: Config) -> tuple[ScriptDirectory, frozenset[str]]:
         heads = frozenset(script.get_heads())
     except CommandError as exc:
         raise ConfigError(f"cannot load the migration scripts at {location}: {exc}") from exc
+    except configparser.InterpolationError as exc:  # its text quotes the value
+        raise ini_error(cfg, exc) from None
     except Exception as exc:  # a revision file that does not import
         raise ConfigError(
             f"cannot load the migration scripts at {location}: {type(exc).__name__}: {exc}"

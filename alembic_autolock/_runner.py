@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine
 
 from . import _events as events
 from . import _state
-from ._config import ConfigLike
+from ._config import ConfigLike, main_option
 from ._events import mask_url
 from ._mask import mask_text
 from ._plan import Plan, pending_steps, prepare, read_heads, unknown_heads
@@ -177,7 +177,7 @@ def _upgrade_command(plan: Plan) -> str:
     where = plan.cfg.config_file_name or plan.cfg.toml_file_name
     if where:
         parts += ["-c", where]
-    configured = plan.cfg.get_main_option("sqlalchemy.url") if plan.cfg.config_file_name else None
+    configured = main_option(plan.cfg, "sqlalchemy.url") if plan.cfg.config_file_name else None
     if configured is None or mask_url(configured) != plan.masked_url:
         parts += ["--url", f"'{plan.masked_url}'"]  # masked: the operator supplies the password
     return " ".join([*parts, "upgrade"])

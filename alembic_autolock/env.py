@@ -25,6 +25,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import _sessions as sessions
 from . import _state
+from ._config import ini_section, main_option
 from ._events import mask_url
 from ._plan import derive_namespace, unavailable
 from ._run import RUN_KEY, RunContext, Tracker, failure
@@ -161,8 +162,8 @@ def _configure_logging(config: Any) -> None:
 
 
 def _url(context: Any, config: Any) -> str:
-    url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option(
-        "sqlalchemy.url"
+    url = context.get_x_argument(as_dictionary=True).get("url") or main_option(
+        config, "sqlalchemy.url"
     )
     if not url:
         where = config.config_file_name or "the Alembic configuration"
@@ -184,7 +185,7 @@ def _connection(context: Any, config: Any) -> Iterator[tuple[Connection, str]]:
         return
     owned: Engine | None = None
     if connectable is None:
-        section = dict(config.get_section(config.config_ini_section, {}))
+        section = ini_section(config, config.config_ini_section)
         section.pop("here", None)
         section["sqlalchemy.url"] = _url(context, config)
         connectable = owned = engine_from_config(
