@@ -50,31 +50,28 @@ _SECRET_PART = re.compile(
 
 # "scheme://" at the start of a value (leading blanks allowed).
 _SCHEME = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.\-]*://")
+
+# The patterns below are needed only for text that is not a URL object (not on the path of a
+# first ensure_migrated): they are compiled on first use, through re's own cache.
+
 # A URL inside free text: it runs to the next blank or quote.
-_EMBEDDED_URL = re.compile(r"(?<![\w+.\-])[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]*")
+_EMBEDDED_URL = r"(?<![\w+.\-])[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]*"
 # key=value, as in a query string, a libpq DSN (values may be '...' quoted with \ escapes) or an
 # ODBC string (values may be {...} quoted). A plain value ends at a blank, ; or & (an & followed
 # by a piece without "=" is taken for part of the value: an unencoded & in a password).
-_KEY_VALUE = re.compile(
-    r"""(?<![\w.\-%])(?P<key>[A-Za-z_][\w.\-%]*)\s*=\s*
-        (?P<value>'(?:[^'\\]|\\.)*'?
-                 |"(?:[^"\\]|\\.)*"?
-                 |\{(?:[^}]|\}\})*\}?
-                 |[^\s;&'"]*(?:&[^\s;&='"]*(?=[\s;&'"]|$))*)""",
-    re.VERBOSE,
-)
-_UNESCAPE = re.compile(r"\\(.)")
+_KEY_VALUE = r"""(?x)(?<![\w.\-%])(?P<key>[A-Za-z_][\w.\-%]*)\s*=\s*
+    (?P<value>'(?:[^'\\]|\\.)*'?
+             |"(?:[^"\\]|\\.)*"?
+             |\{(?:[^}]|\}\})*\}?
+             |[^\s;&'"]*(?:&[^\s;&='"]*(?=[\s;&'"]|$))*)"""
 # SQLAlchemy's URL pattern (sqlalchemy.engine.url._parse_url). SQLAlchemy only matches it at the
 # start of the text and drops whatever it did not match (after "[::1]x", or a newline in the
 # query): such text is masked as text, never rendered from the part SQLAlchemy kept.
-_SQLALCHEMY_URL = re.compile(
-    r"""(?P<name>[\w\+]+)://
-        (?:(?P<username>[^:/]*)(?::(?P<password>[^@]*))?@)?
-        (?:(?:\[(?P<ipv6host>[^/\?]+)\]|(?P<ipv4host>[^/:\?]+))?(?::(?P<port>[^/\?]*))?)?
-        (?:/(?P<database>[^\?]*))?
-        (?:\?(?P<query>.*))?""",
-    re.VERBOSE,
-)
+_SQLALCHEMY_URL = r"""(?x)(?P<name>[\w\+]+)://
+    (?:(?P<username>[^:/]*)(?::(?P<password>[^@]*))?@)?
+    (?:(?:\[(?P<ipv6host>[^/\?]+)\]|(?P<ipv4host>[^/:\?]+))?(?::(?P<port>[^/\?]*))?)?
+    (?:/(?P<database>[^\?]*))?
+    (?:\?(?P<query>.*))?"""
 
 
 def is_secret_param(name: str) -> bool:
@@ -114,7 +111,7 @@ def mask_text(text: str, *urls: str | URL | None) -> str:
         else:
             text = re.sub(rf"(?<![^\W_]){re.escape(form)}(?![^\W_])", MASK, text)
     if "://" in text:
-        text = _EMBEDDED_URL.sub(lambda m: _mask_spans(m[0], _loose_spans(m[0])), text)
+        text = re.sub(_EMBEDDED_URL, lambda m: _mask_spans(m[0], _loose_spans(m[0])), text)
     if "=" in text:
         text = _mask_spans(text, _key_value_spans(text))
     return text
@@ -163,7 +160,7 @@ def _parse_quietly(text: str) -> URL | None:
     """The URL that SQLAlchemy reads from all of ``text``; None if it reads none or only part."""
     if "://" not in text:
         return None
-    match = _SQLALCHEMY_URL.match(text)
+    match = re.match(_SQLALCHEMY_URL, text)
     if match is None or match.end() != len(text):
         return None
     try:
@@ -295,7 +292,7 @@ def _query_spans(text: str, start: int) -> list[tuple[int, int]]:
 
 def _key_value_spans(text: str) -> list[tuple[int, int]]:
     spans = []
-    for m in _KEY_VALUE.finditer(text):
+    for m in re.finditer(_KEY_VALUE, text):
         if m["value"] and is_secret_param(m["key"]):
             spans.append(m.span("value"))
     return spans
@@ -326,7 +323,7 @@ def _mask_spans(text: str, spans: list[tuple[int, int]]) -> str:
 def _unquote_value(value: str) -> str:
     """A DSN value without its quotes and escapes (``'a\\'b'`` is ``a'b``)."""
     if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-        return _UNESCAPE.sub(r"\1", value[1:-1])
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
     if len(value) >= 2 and value[0] == "{" and value[-1] == "}":
         return value[1:-1].replace("}}", "}")
     return value
