@@ -27,6 +27,7 @@ from . import _sessions as sessions
 from . import _state
 from ._config import ini_section, main_option
 from ._events import mask_url
+from ._mask import parse_url
 from ._plan import derive_namespace, unavailable
 from ._run import RUN_KEY, RunContext, Tracker, failure
 from ._settings import Settings, resolve_settings
@@ -171,6 +172,7 @@ def _url(context: Any, config: Any) -> str:
             f"no database URL: set sqlalchemy.url in {where}, pass -x url=..., or hand a "
             "connection to env.py through config.attributes['connection']"
         )
+    parse_url(str(url), "the database URL")  # a malformed one: a ConfigError, masked
     return str(url)
 
 

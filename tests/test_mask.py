@@ -473,6 +473,39 @@ def test_cli_argument_errors_are_masked(tmp_path: Path, capsys: pytest.CaptureFi
     )
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "postgresql+psycopg2://u:S3cr@t@127.0.0.1:x/db",
+            "ConfigError: the database URL 'postgresql+psycopg2://u:***@127.0.0.1:x/db' has a "
+            "port that is not a number.",
+        ),
+        (
+            "postgresql+psycopg2://u:S3cr%40t@127.0.0.1/db",
+            "ConfigError: {ini}: the value of 'sqlalchemy.url' in section [alembic] cannot be "
+            "read, because a % in an ini value starts a substitution.",
+        ),
+    ],
+)
+def test_plain_alembic_cli_reports_bad_urls_masked(url: str, expected: str, tmp_path: Path) -> None:
+    """`alembic upgrade` through the hook: a bad port or a bare % in sqlalchemy.url ends in a
+    ConfigError that does not show the password."""
+    ini = _ini(tmp_path, "alembic.ini", url)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "alembic"), "-c", ini, "upgrade", "head"],
+        capture_output=True,
+        text=True,
+        env=worker_env(),
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert expected.format(ini=ini) in proc.stderr.splitlines()[-1]
+    assert "S3cr" not in proc.stderr + proc.stdout
+    assert "t@127" not in proc.stderr
+
+
 # --- the output scan -----------------------------------------------------------------------
 #
 # Every output path, driven with secret-bearing URLs: events (stdlib records and structlog),
