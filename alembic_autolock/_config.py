@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import os
 import tomllib
 from pathlib import Path
@@ -81,6 +82,40 @@ def load_config(config: ConfigLike, *, environ: os._Environ[str] | dict[str, str
     )
 
 
+def ini_error(cfg: Config, exc: configparser.InterpolationError) -> ConfigError:
+    """A ConfigError for a value configparser cannot interpolate (a bare % in alembic.ini).
+
+    configparser's own message quotes the raw value, which may be a URL with its password:
+    this one names the file, the section and the key, never the value.
+    """
+    where = cfg.config_file_name or "the Alembic configuration"
+    return ConfigError(
+        f"{where}: the value of {exc.option!r} in section [{exc.section}] cannot be read, "
+        "because a % in an ini value starts a substitution. Write a literal % as %% (a "
+        "URL-encoded password such as p%40ss becomes p%%40ss); %(name)s may only name another "
+        f"key of [{exc.section}] or of [DEFAULT].",
+        key=exc.option,
+        source=f"{where} [{exc.section}]",
+    )
+
+
+def main_option(cfg: Config, name: str) -> str | None:
+    """``cfg.get_main_option(name)``, with an interpolation error turned into ConfigError."""
+    try:
+        return cfg.get_main_option(name)
+    except configparser.InterpolationError as exc:
+        raise ini_error(cfg, exc) from None
+
+
+def ini_section(cfg: Config, name: str) -> dict[str, str]:
+    """``cfg.get_section(name, {})`` as a dict, with an interpolation error turned into
+    ConfigError."""
+    try:
+        return dict(cfg.get_section(name, {}))
+    except configparser.InterpolationError as exc:
+        raise ini_error(cfg, exc) from None
+
+
 def config_sections(cfg: Config) -> tuple[dict[str, Any], str | None, dict[str, Any], str | None]:
     """The ``[alembic_autolock]`` ini section and ``[tool.alembic_autolock]`` toml table.
 
@@ -92,11 +127,14 @@ def config_sections(cfg: Config) -> tuple[dict[str, Any], str | None, dict[str, 
         parser = cfg.file_config
         if parser.has_section("alembic_autolock"):
             defaults = set(parser.defaults())
-            ini = {
-                k: parser.get("alembic_autolock", k)
-                for k in parser.options("alembic_autolock")
-                if k not in defaults
-            }
+            try:
+                ini = {
+                    k: parser.get("alembic_autolock", k)
+                    for k in parser.options("alembic_autolock")
+                    if k not in defaults
+                }
+            except configparser.InterpolationError as exc:
+                raise ini_error(cfg, exc) from None
             ini_label = f"{cfg.config_file_name} [alembic_autolock]"
     toml: dict[str, Any] = {}
     toml_label = None
@@ -114,7 +152,10 @@ def config_sections(cfg: Config) -> tuple[dict[str, Any], str | None, dict[str, 
 
 def script_location(cfg: Config) -> str:
     """The configured script location, or a ConfigError that says where to set it."""
-    location = cfg.get_alembic_option("script_location")
+    try:
+        location = cfg.get_alembic_option("script_location")
+    except configparser.InterpolationError as exc:
+        raise ini_error(cfg, exc) from None
     if not location:
         where = cfg.config_file_name or cfg.toml_file_name or "the Config object"
         raise ConfigError(

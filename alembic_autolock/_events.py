@@ -5,7 +5,7 @@ through the application's structlog pipeline under the logger name ``alembic_aut
 has not, they go to the stdlib logger ``alembic_autolock`` (so an unconfigured app, or
 ``alembic upgrade --sql``, never gets events printed on stdout); the message is
 ``event key=value ...`` and the fields are also on the record as ``autolock_event`` and
-``autolock_fields``.
+``autolock_fields``. URLs in fields are masked by the caller (``mask_url``, re-exported here).
 
 structlog itself is only touched if the application imported it: an application that does not
 use structlog cannot have configured it, and does not pay for importing it.
@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Any
 
-from ._mask import mask_url as mask_url  # re-exported: every module masks through here
+from ._mask import mask_url as mask_url  # re-exported: the one masking function, see _mask.py
 
 LOGGER_NAME = "alembic_autolock"
 

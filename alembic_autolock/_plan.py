@@ -3,6 +3,7 @@ per (engine, arguments) and reused until the cache TTL runs out."""
 
 from __future__ import annotations
 
+import configparser
 import copy
 import logging
 import sys
@@ -23,7 +24,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import _state
-from ._config import ConfigLike, load_config, script_location
+from ._config import ConfigLike, ini_error, load_config, script_location
 from ._mask import mask_text, mask_url
 from ._settings import Settings, resolve_settings
 from .exceptions import ConfigError, DatabaseUnavailable
@@ -79,6 +80,8 @@ def load_scripts(cfg: Config) -> tuple[ScriptDirectory, frozenset[str]]:
         heads = frozenset(script.get_heads())
     except CommandError as exc:
         raise ConfigError(f"cannot load the migration scripts at {location}: {exc}") from exc
+    except configparser.InterpolationError as exc:  # its text quotes the value
+        raise ini_error(cfg, exc) from None
     except Exception as exc:  # a revision file that does not import
         raise ConfigError(
             f"cannot load the migration scripts at {location}: {type(exc).__name__}: {exc}"
@@ -162,9 +165,8 @@ def unavailable(
     while_doing: str | None = None,
 ) -> DatabaseUnavailable:
     masked = masked_url or mask_url(engine.url)
-    detail = mask_text(
-        (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0], engine.url
-    )
+    detail = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
+    detail = mask_text(detail, engine.url)  # a driver may quote the password back
     doing = f" while {while_doing}" if while_doing else ""
     return DatabaseUnavailable(
         f"cannot connect to {masked}{doing}: {detail}. Nothing was applied. Check that the "

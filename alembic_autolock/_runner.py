@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 
 from . import _events as events
 from . import _state
-from ._config import ConfigLike
+from ._config import ConfigLike, main_option
 from ._mask import mask_text, mask_url
 from ._plan import (
     Plan,
@@ -213,7 +213,7 @@ def _upgrade_command(plan: Plan) -> str:
     where = plan.cfg.config_file_name or plan.cfg.toml_file_name
     if where:
         parts += ["-c", where]
-    configured = plan.cfg.get_main_option("sqlalchemy.url") if plan.cfg.config_file_name else None
+    configured = main_option(plan.cfg, "sqlalchemy.url") if plan.cfg.config_file_name else None
     if configured is None or mask_url(configured) != plan.masked_url:
         parts += ["--url", f"'{plan.masked_url}'"]  # masked: the operator supplies the password
     return " ".join([*parts, "upgrade"])
@@ -389,7 +389,8 @@ def status(engine: Engine, *, config: ConfigLike = None, **settings: Any) -> Sta
     try:
         holders = tuple(_holders(lock, migration_engine))
     except Exception as exc:  # the state of the database is still worth reporting
-        error = mask_text(f"{type(exc).__name__}: {exc}".splitlines()[0], engine.url, s.lock_url)
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        error = mask_text(error, engine.url, s.lock_url, s.lock)
     return Status(
         current_heads=heads,
         script_heads=tuple(sorted(plan.script_heads)),

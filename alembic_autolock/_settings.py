@@ -3,20 +3,25 @@
 Precedence, highest first: keyword arguments, ``ALEMBIC_AUTOLOCK_<KEY>`` environment variables,
 ``[alembic_autolock]`` in alembic.ini, ``[tool.alembic_autolock]`` in pyproject.toml, defaults.
 Types are coerced here and only here. A bad value raises ConfigError naming the key, the value
-and where it came from.
+(masked: it may be a URL with a password) and where it came from.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from alembic.config import Config
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from ._config import config_sections
+from ._mask import mask_text, mask_url
 from .exceptions import ConfigError
 
 ENV_PREFIX = "ALEMBIC_AUTOLOCK_"
@@ -30,9 +35,12 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Settings:
-    """The resolved settings. ``sources`` maps each key to where its value came from."""
+    """The resolved settings. ``sources`` maps each key to where its value came from.
+
+    Its repr masks the URLs (``lock``, ``lock_url``), which may carry a password.
+    """
 
     lock: str = "auto"
     lock_url: str | None = None
@@ -58,14 +66,46 @@ class Settings:
     def source(self, key: str) -> str:
         return self.sources.get(key, "default")
 
+    def __repr__(self) -> str:
+        shown = []
+        for f in fields(self):
+            if f.repr:
+                value = getattr(self, f.name)
+                if f.name in _URL_KEYS and isinstance(value, str):
+                    value = mask_url(value)
+                shown.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(shown)})"
+
+
+# Settings whose value may be a URL with a password.
+_URL_KEYS = frozenset({"lock", "lock_url"})
+# What a value with a locatable secret looks like: a URL, userinfo, key=value.
+_STRUCTURED = re.compile(r"://|[@=]")
+REDACTED = "<redacted>"
+
+
+def _shown(key: str, value: object) -> object:
+    """``value`` as it may be echoed in an error: masked. A lock_url whose password cannot be
+    located (it does not even look like a URL) is not shown at all."""
+    if isinstance(value, str):
+        masked = mask_url(value)
+        if key == "lock_url" and masked == value and not _STRUCTURED.search(value):
+            return REDACTED
+        return masked
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = repr(value)  # a list or a table from pyproject.toml: mask what it quotes
+    masked = mask_text(text)
+    return value if masked == text else masked
+
 
 def _fail(key: str, value: object, source: str, expected: str) -> ConfigError:
-    secret = key == "lock_url"  # a URL may carry a password: never echo it
-    shown = "<redacted>" if secret else repr(value)
+    shown = _shown(key, value)
     return ConfigError(
-        f"invalid value {shown} for setting {key!r} (from {source}): expected {expected}",
+        f"invalid value {shown if shown is REDACTED else repr(shown)} for setting {key!r} "
+        f"(from {source}): expected {expected}",
         key=key,
-        value="<redacted>" if secret else value,
+        value=shown,
         source=source,
     )
 
@@ -112,6 +152,12 @@ def _parse_lock(key: str, value: object, source: str) -> str:
         if text.lower() in LOCK_NAMES:
             return text.lower()
         if text.lower().startswith(("redis://", "rediss://", "unix://")):
+            try:
+                urlsplit(text).port  # noqa: B018  # raises for a port that is not a number
+            except ValueError:
+                raise _fail(
+                    key, value, source, "a redis://host:port/db URL whose port is a number"
+                ) from None
             return text
     raise _fail(
         key,
@@ -139,19 +185,29 @@ def _optional_str(key: str, value: object, source: str) -> str | None:
     return text or None
 
 
-def _identifier(key: str, value: object, source: str) -> str:
-    text = _as_str(key, value, source)
-    if not text:
-        raise _fail(key, value, source, "a non-empty table name")
-    return text
+def _non_empty(what: str) -> Callable[[str, object, str], str]:
+    def parse(key: str, value: object, source: str) -> str:
+        text = _as_str(key, value, source)
+        if not text:
+            raise _fail(key, value, source, f"a non-empty {what}")
+        return text
+
+    return parse
 
 
 def _lock_url(key: str, value: object, source: str) -> str | None:
     text = _as_str(key, value, source)
     if not text:
         return None
+    expected = "an SQLAlchemy URL such as postgresql://user:password@host:5432/db"
     if "://" not in text:
-        raise _fail(key, value, source, "an SQLAlchemy URL such as postgresql://host/db")
+        raise _fail(key, value, source, expected)
+    try:
+        make_url(text)
+    except (ArgumentError, ValueError):  # a port that is not a number
+        raise _fail(
+            key, value, source, expected + ", with a numeric port and @ : / % URL-encoded"
+        ) from None
     return text
 
 
@@ -161,12 +217,12 @@ _PARSERS: dict[str, Callable[[str, object, str], Any]] = {
     "timeout": _as_seconds,
     "cache_ttl": _as_seconds,
     "mode": _choice(MODES),
-    "environment": _identifier,
+    "environment": _non_empty("environment name"),
     "production_environments": _parse_envs,
     "allow_downgrade": _as_bool,
     "transaction": _choice(TRANSACTIONS),
     "namespace": _optional_str,
-    "version_table": _identifier,
+    "version_table": _non_empty("table name"),
     "version_table_schema": _optional_str,
     "on_ahead": _choice(ON_AHEAD),
     "lock_ttl": _as_seconds,

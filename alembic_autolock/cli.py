@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from alembic.config import Config
 from sqlalchemy import create_engine
@@ -21,8 +22,8 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
 from . import _runner
-from ._config import load_config
-from ._events import mask_url
+from ._config import load_config, main_option
+from ._mask import mask_text, mask_url, parse_url
 from .exceptions import AutolockError, ConfigError
 
 EXIT_OK, EXIT_PENDING, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -48,14 +49,22 @@ def _x_url(args: argparse.Namespace) -> str | None:
 
 
 def _engine(args: argparse.Namespace, cfg: Config) -> Engine:
-    url = args.url or _x_url(args) or cfg.get_main_option("sqlalchemy.url")
-    if not url:
-        where = cfg.config_file_name or "the [alembic] section of alembic.ini"
+    where = cfg.config_file_name or "the [alembic] section of alembic.ini"
+    if args.url:
+        text, what = args.url, "--url"
+    elif x_url := _x_url(args):
+        text, what = x_url, "-x url"
+    else:
+        text, what = main_option(cfg, "sqlalchemy.url"), f"sqlalchemy.url in {where}"
+    if not text:
         raise ConfigError(f"no database URL: pass --url, or set sqlalchemy.url in {where}")
+    url = parse_url(text, what)
     try:
         return create_engine(url, poolclass=NullPool)
     except (ArgumentError, ImportError) as exc:
-        raise ConfigError(f"cannot use the database URL {mask_url(url)}: {exc}") from exc
+        raise ConfigError(
+            f"cannot use the database URL {mask_url(url)}: {mask_text(str(exc), url)}"
+        ) from exc
 
 
 def _with_engine(args: argparse.Namespace, fn: Callable[[Engine, Config], int]) -> int:
@@ -279,8 +288,15 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse echoes arguments it rejects (``unrecognized arguments: --url ...``): mask them."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(mask_text(message))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="alembic-autolock",
         description="Alembic migrations under a distributed lock.",
     )

@@ -25,6 +25,8 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import _state
+from ._config import ini_section, main_option
+from ._mask import mask_url, parse_url
 from ._plan import derive_namespace, heads_on, open_connection, peek_heads, unavailable
 from ._run import (
     RUN_KEY,
@@ -219,8 +221,6 @@ def _run_locked(
 ) -> None:
     """Holding the lock: the migration connection, its fence, the journal, then Alembic."""
     tracker = Tracker(settings=settings, lock=lock)
-    from ._mask import mask_url
-
     masked = mask_url(migration_engine.url)
     with _connection(migration_engine, given) as conn:
         if given is None and autocommit(conn):  # migrations run in transactions
@@ -339,8 +339,8 @@ def _configure_logging(config: Any) -> None:
 
 
 def _url(context: Any, config: Any) -> str:
-    url = context.get_x_argument(as_dictionary=True).get("url") or config.get_main_option(
-        "sqlalchemy.url"
+    url = context.get_x_argument(as_dictionary=True).get("url") or main_option(
+        config, "sqlalchemy.url"
     )
     if not url:
         where = config.config_file_name or "the Alembic configuration"
@@ -348,6 +348,7 @@ def _url(context: Any, config: Any) -> str:
             f"no database URL: set sqlalchemy.url in {where}, pass -x url=..., or hand a "
             "connection to env.py through config.attributes['connection']"
         )
+    parse_url(str(url), "the database URL")  # a malformed one: a ConfigError, masked
     return str(url)
 
 
@@ -366,11 +367,9 @@ def _connectable(context: Any, config: Any) -> Iterator[tuple[Engine, Connection
         with connectable.connect() as conn:
             yield conn.engine, conn
         return
-    section = dict(config.get_section(config.config_ini_section, {}))
+    section = ini_section(config, config.config_ini_section)
     section.pop("here", None)
-    from ._mask import parse_url
-
-    section["sqlalchemy.url"] = parse_url(_url(context, config), "database URL")
+    section["sqlalchemy.url"] = _url(context, config)
     owned = engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
     try:
         yield owned, None

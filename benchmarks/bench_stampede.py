@@ -192,22 +192,32 @@ def bench(backend: str, n: int, revision_sleep: float, work: Path) -> list[Run]:
     try:
         settings = {"timeout": "120"}
         if backend == "redis":
-            settings.update(lock="redis://127.0.0.1:6379/0", namespace=f"bench-stampede-{os.getpid()}-{n}")
+            settings.update(
+                lock="redis://127.0.0.1:6379/0", namespace=f"bench-stampede-{os.getpid()}-{n}"
+            )
         env = dict(os.environ)
         env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
         env["AUTOLOCK_TEST_SLEEP"] = str(revision_sleep)
-        sampled = backend != "mysql"
 
-        def sampler(db: str) -> ConnectionSampler | None:
-            return ConnectionSampler(server.url(), db) if sampled else ConnectionSampler(server.url(), db)
+        def sampler(db: str) -> ConnectionSampler:
+            return ConnectionSampler(server.url(), db)
 
         head_db = server.create_database("at_head")
         head_ini = write_ini(work, server.url(head_db), settings, f"head-{backend}-{n}")
         subprocess.run(
-            [sys.executable, str(WORKER), head_ini, server.url(head_db)], env=env, check=True,
+            [sys.executable, str(WORKER), head_ini, server.url(head_db)],
+            env=env,
+            check=True,
             stdout=subprocess.DEVNULL,
         )
-        argv = [sys.executable, str(WORKER), head_ini, server.url(head_db), "--barrier", "--nullpool"]
+        argv = [
+            sys.executable,
+            str(WORKER),
+            head_ini,
+            server.url(head_db),
+            "--barrier",
+            "--nullpool",
+        ]
         runs.append(measure(backend, n, "at head", argv, env, sampler(head_db)))
 
         db = server.create_database("empty")

@@ -13,6 +13,7 @@ a skipped service test in CI is a failure.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -145,7 +146,7 @@ def pg_url(request: pytest.FixtureRequest) -> str:
     return URL.create(
         "postgresql+psycopg2",
         username=info.user,
-        password=info.password or None,
+        password=info.password or PG_PASSWORD,  # trust auth ignores it; masking must not
         host=info.host,
         port=info.port,
         database=info.dbname,
@@ -311,3 +312,39 @@ def trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
             return [parts[0] for parts in self.lines() if parts[1] == direction and len(parts) == 3]
 
     return Trace()
+
+
+# --- secrets: a safety net over the whole suite ---------------------------------------------
+#
+# Every event the library logs during the session is recorded and, at the end, searched for the
+# secrets the tests use: the password every pg_url carries (PostgreSQL's trust auth accepts any
+# password, so each PostgreSQL test exercises masking) and those of tests/test_mask.py. The
+# dedicated output scan is tests/test_mask.py::test_no_output_path_shows_a_secret.
+
+PG_PASSWORD = f"autolock-pw-{uuid.uuid4().hex[:8]}"
+TEST_SECRETS = (PG_PASSWORD, "S3cr3t", "sekrit-pw")
+
+
+class _EventRecorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.texts: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields = getattr(record, "autolock_fields", None)
+        self.texts.append(f"{record.getMessage()} {fields!r}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_secret_in_events() -> Iterator[None]:
+    """Fail the session if any event of the library carried a test secret."""
+    logger = logging.getLogger("alembic_autolock")
+    recorder, level = _EventRecorder(), logger.level
+    logger.addHandler(recorder)
+    logger.setLevel(logging.DEBUG)
+    yield
+    logger.removeHandler(recorder)
+    logger.setLevel(level)
+    leaked = [t for t in recorder.texts if any(s in t for s in TEST_SECRETS)]
+    if leaked:
+        pytest.fail(f"{len(leaked)} event(s) carried a test secret, e.g. {leaked[0]!r}")

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from support import REPO, heads_of, worker_env
 
+from alembic_autolock._mask import mask_url
 from alembic_autolock.cli import main
 
 BIN = Path(sys.executable).parent
@@ -46,7 +47,7 @@ def test_upgrade_status_check_downgrade_round_trip(pg_url: str, make_ini: Any) -
     assert (data["current_heads"], data["at_head"]) == (["r2"], False)
     assert [p["revision"] for p in data["pending"]] == ["r3", "r4", "r5"]
     assert data["lock"]["backend"] == "postgresql" and data["lock"]["holders"] == []
-    assert data["database"] == pg_url
+    assert data["database"] == mask_url(pg_url)  # pg_url carries a password
 
     assert run(CLI, "-c", ini, "upgrade").returncode == 0
     out = run(CLI, "-c", ini, "check")

@@ -26,6 +26,7 @@ from alembic_autolock import (
     status,
     upgrade,
 )
+from alembic_autolock._mask import mask_url
 from alembic_autolock._runner import resolve
 from alembic_autolock.locks.postgresql import advisory_key
 
@@ -438,7 +439,7 @@ def test_pending_command_names_the_engine_url_when_the_config_differs(
     ini = make_ini("postgresql+psycopg2://someone:pw@elsewhere/other")
     with pytest.raises(PendingMigrations) as info:
         ensure_migrated(make_engine(pg_url), config=ini, mode="check")
-    assert info.value.command == f"alembic-autolock -c {ini} --url '{pg_url}' upgrade"
+    assert info.value.command == f"alembic-autolock -c {ini} --url '{mask_url(pg_url)}' upgrade"
     with pytest.raises(PendingMigrations) as info:
         ensure_migrated(make_engine(pg_url), config=make_ini(pg_url), mode="check")
     assert "--url" not in info.value.command
