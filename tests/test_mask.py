@@ -381,8 +381,8 @@ def test_database_unavailable_masks_what_the_driver_echoed() -> None:
     exc = unavailable(engine, OperationalError("SELECT 1", None, orig))
     assert str(exc) == (
         "cannot connect to postgresql+psycopg2://postgres:***@127.0.0.1:5432/db: could not "
-        'translate host name "***@127.0.0.1" to address. Nothing was applied. Check that the server is running and '
-        "that the URL, user and password are right."
+        'translate host name "***@127.0.0.1" to address. Nothing was applied. Check that the '
+        "server is running and that the URL, user and password are right."
     )
     assert isinstance(exc, DatabaseUnavailable)
     assert exc.url == "postgresql+psycopg2://postgres:***@127.0.0.1:5432/db"
@@ -395,8 +395,8 @@ def test_database_unavailable_masks_a_query_password() -> None:
     exc = unavailable(engine, OperationalError("SELECT 1", None, orig))
     assert str(exc) == (
         "cannot connect to postgresql+psycopg2://postgres@127.0.0.1:5432/db?password=***: "
-        'missing "=" after "***" in connection info string. Nothing was applied. Check that the server is running '
-        "and that the URL, user and password are right."
+        'missing "=" after "***" in connection info string. Nothing was applied. Check that '
+        "the server is running and that the URL, user and password are right."
     )
 
 
