@@ -206,13 +206,27 @@ def describe_heads(heads: tuple[str, ...]) -> str:
     return "revision " + ", ".join(heads) if heads else "no revision (empty version table)"
 
 
+def heads_now(
+    lock: MigrationLock | None, engine: Engine, settings: Settings, masked_url: str
+) -> tuple[str, ...]:
+    """The heads, read on the lock's own session when the lock lives in the database (no new
+    connection), else on a short connection of ``engine`` (retried while the server is full)."""
+    session = lock.backend.session() if lock is not None else None
+    if session is not None and not session.invalidated:
+        try:
+            return heads_on(session, settings)
+        except SQLAlchemyError:
+            pass  # the lock session is gone: read elsewhere
+    return read_heads(engine, settings, masked_url, deadline=time.monotonic() + settings.timeout)
+
+
 def _truth(
     tracker: Tracker, script: Any, engine: Engine, settings: Settings, masked_url: str
 ) -> tuple[tuple[str, ...] | None, list[str], str]:
     """The heads after a run stopped, the revisions of the run that stay applied, and a
     sentence saying so."""
     try:
-        after = read_heads(engine, settings, masked_url)
+        after = heads_now(tracker.lock, engine, settings, masked_url)
     except Exception as read_exc:  # the state is unknown; say so rather than guess
         return (
             None,
@@ -461,7 +475,9 @@ def run_alembic(
             steps = script._downgrade_revs(target, heads)  # what command.downgrade does
         return list(steps)
 
-    conn = open_connection(migration_engine, masked_url)
+    conn = open_connection(
+        migration_engine, masked_url, deadline=time.monotonic() + settings.timeout
+    )
     try:
         if autocommit(conn):  # an engine made with isolation_level="AUTOCOMMIT"
             conn.execution_options(isolation_level=conn.default_isolation_level)
@@ -505,7 +521,7 @@ def run_alembic(
             conn.close()  # an in-memory database lives as long as its one connection
         else:
             close(conn)  # a fenced, named server session never goes back to a pool
-    after = read_heads(engine, settings, masked_url)
+    after = heads_now(lock, engine, settings, masked_url)
     check_persisted(tracker, after, script, settings)
     return tracker, after
 

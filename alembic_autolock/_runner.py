@@ -33,7 +33,7 @@ from ._plan import (
     unavailable,
     unknown_heads,
 )
-from ._run import _summary, gate_downgrade, open_journal, run_alembic
+from ._run import _summary, gate_downgrade, heads_now, open_journal, run_alembic
 from ._settings import Settings
 from .exceptions import ConfigError, DatabaseAhead, PendingMigrations
 from .locks import Holder, MigrationLock, ProcessOnlyLock, Watch, make_backend, make_fence
@@ -253,10 +253,7 @@ def _done_by_other(
 
 
 def _second_look(lock: MigrationLock, engine: Engine, plan: Plan) -> tuple[str, ...]:
-    session = lock.backend.session()  # the lock's own session, when it is in this database
-    if session is not None:
-        return heads_on(session, plan.settings)
-    return read_heads(engine, plan.settings, plan.masked_url)
+    return heads_now(lock, engine, plan.settings, plan.masked_url)
 
 
 def _migrate(

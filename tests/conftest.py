@@ -271,14 +271,15 @@ def make_engine(engines: list[Engine]) -> Any:
 
 @pytest.fixture
 def make_ini(tmp_path: Path) -> Any:
-    """Write an alembic.ini for the test migrations: make_ini(url, **autolock_settings)."""
+    """Write an alembic.ini for the test migrations: make_ini(url, **autolock_settings)
+    (``scripts=`` another history, e.g. support.BATCHES)."""
     counter = iter(range(1000))
 
-    def make(url: str, **settings: Any) -> str:
+    def make(url: str, *, scripts: Path = MIGRATIONS, **settings: Any) -> str:
         path = tmp_path / f"alembic{next(counter)}.ini"
         lines = [
             "[alembic]",
-            f"script_location = {MIGRATIONS}",
+            f"script_location = {scripts}",
             f"prepend_sys_path = {MIGRATIONS}",
             "path_separator = os",
             f"sqlalchemy.url = {url.replace('%', '%%')}",

@@ -17,6 +17,7 @@ from sqlalchemy import create_engine
 
 REPO = Path(__file__).resolve().parents[1]
 MIGRATIONS = REPO / "tests" / "migrations"
+BATCHES = REPO / "tests" / "migrations_batches"  # b1: 30 accounts; b2: x100 in 3 committed batches
 WORKER = REPO / "tests" / "worker.py"
 ALL_REVS = ["r1", "r2", "r3", "r4", "r5"]
 

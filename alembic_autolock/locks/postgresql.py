@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import time
 from datetime import UTC
 from typing import Any
 
@@ -128,6 +129,15 @@ POOLER_HINT = (
 
 _UNLOCK_SQL = text("SELECT pg_advisory_unlock(:key), set_config(:marker, '', false)")
 _UNLOCK_KEEP_MARKER_SQL = text("SELECT pg_advisory_unlock(:key)")
+# Releasing for good: the session (closed next, which the server finishes a moment later) stops
+# being named for a role it no longer has, so pg_stat_activity never shows two lock holders.
+_LET_GO_SQL = text(
+    "SELECT pg_advisory_unlock(:key), set_config(:marker, '', false), "
+    "set_config('application_name', '', false)"
+)
+_LET_GO_KEEP_MARKER_SQL = text(
+    "SELECT pg_advisory_unlock(:key), set_config('application_name', '', false)"
+)
 _TERMINATE_SQL = text("SELECT pg_terminate_backend(:pid)")
 
 
@@ -187,10 +197,10 @@ class PostgresLock(SessionLock):
         return bool(row.got)
 
     def _drop_designation(self, conn: Connection) -> None:
-        conn.execute(_UNLOCK_KEEP_MARKER_SQL, {"key": self.wkey})
+        conn.execute(_LET_GO_KEEP_MARKER_SQL, {"key": self.wkey})
 
     def _unlock(self, conn: Connection) -> None:
-        conn.execute(_UNLOCK_SQL, {"key": self.key, "marker": self.marker})
+        conn.execute(_LET_GO_SQL, {"key": self.key, "marker": self.marker})
 
     def _on_got(self, conn: Connection) -> None:
         if self._lock_engine is None:
@@ -205,7 +215,9 @@ class PostgresLock(SessionLock):
         before the first revision would then wait behind the migration's own transaction until
         the proxy gives up), and with PgBouncer's LIFO reuse usually.
         """
-        with self.engine.connect() as probe:
+        from .._plan import open_connection
+
+        with open_connection(self.engine, deadline=time.monotonic() + 10) as probe:
             pid = probe.execute(text("SELECT pg_backend_pid()")).scalar_one()
         if pid != self._pid:
             return
@@ -281,7 +293,7 @@ class PostgresFence(DatabaseFence):
         return bool(row.got)
 
     def _release_statement(self) -> tuple[Any, dict[str, Any]]:
-        return _UNLOCK_KEEP_MARKER_SQL, {"key": self.fkey}
+        return _LET_GO_KEEP_MARKER_SQL, {"key": self.fkey}
 
     def holders(self, conn: Connection) -> list[Holder]:
         rows = (

@@ -6,6 +6,10 @@ AUTOLOCK_TEST_TRACE    file to which every revision body appends "<rev> <directi
 AUTOLOCK_TEST_SLEEP    seconds each revision body sleeps (widens race windows)
 AUTOLOCK_TEST_FAIL_AT  revision that raises after its first DDL statement
 AUTOLOCK_TEST_HANG_AT  revision that writes "hang" to the trace and sleeps for a minute (in Python)
+AUTOLOCK_TEST_PAUSE_AT "<rev>:<point>": where a revision calls pause(rev, point), it writes
+                       "pause-<point>" to the trace and sleeps for a minute (in Python, its
+                       migration session idle, outside any transaction if the revision is in
+                       an autocommit block)
 AUTOLOCK_TEST_SERVER_SLEEP_AT  revision that, after its first DDL statement, writes
                        "server-sleep" to the trace and runs pg_sleep(60) / SLEEP(60) in the server;
                        "<rev>:before" does it before the DDL (MySQL commits each DDL at once)
@@ -38,6 +42,12 @@ def body(rev: str, direction: str = "up") -> None:
         time.sleep(60)
     if os.environ.get("AUTOLOCK_TEST_SERVER_SLEEP_AT") == f"{rev}:before" and direction == "up":
         _server_sleep(rev)
+
+
+def pause(rev: str, point: str) -> None:
+    if os.environ.get("AUTOLOCK_TEST_PAUSE_AT") == f"{rev}:{point}":
+        trace(rev, "up", f"pause-{point}")
+        time.sleep(60)
 
 
 def _server_sleep(rev: str) -> None:
