@@ -1426,11 +1426,10 @@ class Summary:
 
 
 # A session is the library's if its application_name is autolock:<role>:... (the PostgreSQL
-# lock and wait sessions), or if the statement it is running (or, on PostgreSQL, the one it
-# ran before idling inside a transaction) carries the migration comment /* autolock:<role>:
-# (migration sessions), or if it waits in GET_LOCK('autolock:... (MySQL lock sessions).
+# lock, wait and migration sessions). MySQL has no application_name: given the lock names
+# (mysql_locks), the sessions that hold them are counted exactly; otherwise a session blocked in
+# GET_LOCK('autolock:... counts as a waiter.
 _APP_ROLE = re.compile(r"^(autolock:[^:]*)")
-_COMMENT_ROLE = re.compile(r"^\s*/\*\s*(autolock:[^:*\s]*)")
 _GET_LOCK = re.compile(r"GET_LOCK\(\s*'autolock:", re.IGNORECASE)
 
 _PG_SAMPLE = text(
@@ -1448,25 +1447,16 @@ _MYSQL_SAMPLE = text(
 )
 
 
-def _pg_role(application_name: str | None, state: str | None, query: str | None) -> str | None:
+def _pg_role(application_name: str | None) -> str | None:
     if application_name:
         m = _APP_ROLE.match(application_name)
-        if m:
-            return m.group(1)
-    if query and state and state != "idle":
-        m = _COMMENT_ROLE.match(query)
         if m:
             return m.group(1)
     return None
 
 
 def _mysql_role(info: str | None) -> str | None:
-    if not info:
-        return None
-    m = _COMMENT_ROLE.match(info)
-    if m:
-        return m.group(1)
-    if _GET_LOCK.search(info):
+    if info and _GET_LOCK.search(info):
         return "autolock:wait"
     return None
 
@@ -1498,10 +1488,18 @@ class ConnectionSampler:
     ``errors`` and it reconnects at the next tick.
     """
 
-    def __init__(self, admin_url: str, database: str, *, interval: float = 0.02) -> None:
+    def __init__(
+        self,
+        admin_url: str,
+        database: str,
+        *,
+        interval: float = 0.02,
+        mysql_locks: Mapping[str, str] | None = None,
+    ) -> None:
         self.admin_url = admin_url
         self.database = database
         self.interval = interval
+        self.mysql_locks = dict(mysql_locks or {})  # role -> GET_LOCK name
         backend = make_url(admin_url).get_backend_name()
         if backend not in ("postgresql", "mysql", "mariadb"):
             raise ValueError(f"ConnectionSampler: PostgreSQL or MySQL/MariaDB, not {backend}")
@@ -1608,17 +1606,33 @@ class ConnectionSampler:
                 sessions = json.loads(sessions)
             if counter is not None:
                 self._counter.append((t, int(counter)))
-            for pid, backend_start, application_name, state, query in sessions:
+            for pid, backend_start, application_name, _state, _query in sessions:
                 keys.add((pid, backend_start))
-                role = _pg_role(application_name, state, query)
+                role = _pg_role(application_name)
                 if role:
                     by_role[role] = by_role.get(role, 0) + 1
         else:
             for ident, _command, info in rows:
                 keys.add(ident)
-                role = _mysql_role(info)
+                role = None if self.mysql_locks else _mysql_role(info)
                 if role:
                     by_role[role] = by_role.get(role, 0) + 1
+            if self.mysql_locks:
+                try:
+                    owners = self._conn.execute(
+                        text(
+                            "SELECT "
+                            + ", ".join(
+                                f"IS_USED_LOCK(:n{i})" for i in range(len(self.mysql_locks))
+                            )
+                        ),
+                        {f"n{i}": name for i, name in enumerate(self.mysql_locks.values())},
+                    ).one()
+                except Exception:
+                    owners = ()
+                for role, owner in zip(self.mysql_locks, owners, strict=False):
+                    if owner is not None:
+                        by_role[role] = by_role.get(role, 0) + 1
         if self._baseline is None:
             self._baseline = set(keys)
         for _new in keys - self._seen - self._baseline:
