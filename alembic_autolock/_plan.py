@@ -28,6 +28,7 @@ from ._config import ConfigLike, ini_error, load_config, script_location
 from ._mask import mask_text, mask_url
 from ._settings import Settings, resolve_settings
 from .exceptions import ConfigError, DatabaseUnavailable
+from .locks._session import first_line
 from .locks.file import sqlite_path
 
 
@@ -104,6 +105,7 @@ def prepare(engine: Engine, config: ConfigLike, overrides: Mapping[str, Any]) ->
 
     cfg = load_config(config, environ=environ)
     settings = resolve_settings(overrides, cfg)
+    check_identifiers(settings, engine)
     script, heads = load_scripts(cfg)
     masked = mask_url(engine.url)
     return Plan(
@@ -122,6 +124,25 @@ def prepare(engine: Engine, config: ConfigLike, overrides: Mapping[str, Any]) ->
         engine_ref=weakref.ref(engine),
         process_local=engine.dialect.name == "sqlite" and sqlite_path(engine.url) is None,
     )
+
+
+_NAME_LIMITS = {"mysql": 64, "mariadb": 64}
+
+
+def check_identifiers(settings: Settings, engine: Engine) -> None:
+    """Names the database cannot hold are refused before anything runs (SQLAlchemy's MySQL
+    dialect reports its 255-character label limit; a MySQL table name holds 64)."""
+    limit = _NAME_LIMITS.get(engine.dialect.name, engine.dialect.max_identifier_length)
+    for key in ("version_table", "version_table_schema"):
+        name = getattr(settings, key)
+        if name is not None and len(name) > limit:
+            raise ConfigError(
+                f"{key} {name[:20]!r}... is {len(name)} characters long; {engine.dialect.name} "
+                f"names hold at most {limit}: choose a shorter one",
+                key=key,
+                value=name,
+                source=settings.source(key),
+            )
 
 
 @contextmanager
@@ -202,17 +223,32 @@ def heads_on(conn: Connection, settings: Settings) -> tuple[str, ...]:
     try:
         return tuple(sorted(conn.execute(select(versions.c.version_num)).scalars()))
     except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise unavailable(conn.engine, exc, while_doing="reading the version table") from exc
         conn.rollback()
         if missing_table(exc):
             return ()
-    ctx = MigrationContext.configure(
-        connection=conn,
-        opts={
-            "version_table": settings.version_table,
-            "version_table_schema": settings.version_table_schema,
-        },
-    )
-    return tuple(sorted(ctx.get_current_heads()))
+    try:
+        ctx = MigrationContext.configure(
+            connection=conn,
+            opts={
+                "version_table": settings.version_table,
+                "version_table_schema": settings.version_table_schema,
+            },
+        )
+        return tuple(sorted(ctx.get_current_heads()))
+    except DBAPIError as exc:
+        if exc.connection_invalidated:
+            raise unavailable(conn.engine, exc, while_doing="reading the version table") from exc
+        where = ".".join(filter(None, [settings.version_table_schema, settings.version_table]))
+        raise ConfigError(
+            f"cannot read the version table {where} of {mask_url(conn.engine.url)}: "
+            f"{mask_text(first_line(exc), conn.engine.url)}. Check that the user may read it "
+            "and that version_table / version_table_schema name it.",
+            key="version_table",
+            value=settings.version_table,
+            source=settings.source("version_table"),
+        ) from exc
 
 
 def missing_table(exc: DBAPIError) -> bool:

@@ -16,7 +16,6 @@ from typing import Any
 from alembic.script.revision import ResolutionError
 from alembic.util import CommandError
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
 
 from . import _events as events
 from . import _state
@@ -30,7 +29,6 @@ from ._plan import (
     pending_steps,
     prepare,
     read_heads,
-    unavailable,
     unknown_heads,
 )
 from ._run import _summary, gate_downgrade, heads_now, open_journal, run_alembic
@@ -166,10 +164,8 @@ def ensure_migrated(
     conn = open_connection(engine, plan.masked_url, deadline=time.monotonic() + s.timeout)
     try:
         heads = heads_on(conn, s)
-    except BaseException as exc:
+    except BaseException:
         conn.close()
-        if isinstance(exc, DBAPIError):
-            raise unavailable(engine, exc, plan.masked_url) from exc
         raise
     if frozenset(heads) == plan.script_heads:
         conn.close()

@@ -451,17 +451,16 @@ def test_relay_faults_over_mariadb(private_mariadb: PrivateMariaDB) -> None:
 
 @pytest.mark.postgresql
 def test_sampler_counts_library_sessions_by_role(shared_pg: PrivatePostgres) -> None:
-    """Idle autolock:wait/lock sessions, a running tagged migration statement, plain sessions."""
+    """Idle autolock:wait/lock sessions, a migration session named autolock:migrate, plain
+    sessions."""
     db = shared_pg.create_database("sampled_roles")
     offset = shared_pg.log_offset()
     with ConnectionSampler(shared_pg.url(), db) as sampler:
         waits = [shared_pg.connect(db, application_name=f"autolock:wait:k:{i}") for i in range(4)]
         locks = [shared_pg.connect(db, application_name="autolock:lock:k:1")]
         plain = [shared_pg.connect(db) for _ in range(2)]
-        migrating = shared_pg.connect(db)
-        migration = _InThread(
-            lambda: _query(migrating, "/* autolock:migrate:k:1@h */ SELECT pg_sleep(0.4)")
-        )
+        migrating = shared_pg.connect(db, application_name="autolock:migrate:k:1")
+        migration = _InThread(lambda: _query(migrating, "SELECT pg_sleep(0.4)"))
         assert migration.join(5) and migration.error is None
         time.sleep(0.1)
         for conn in [*waits, *locks, *plain, migrating]:

@@ -66,8 +66,14 @@ def open_side_connection(
     engine: Engine, lock_engine: Engine | None = None, tag: str | None = None
 ) -> Connection:
     """A connection outside the application's pool, in AUTOCOMMIT; on PostgreSQL named ``tag``
-    in pg_stat_activity."""
-    conn = (lock_engine or side_engine_for(engine)).connect()
+    in pg_stat_activity. DatabaseUnavailable if the server cannot be reached."""
+    source = lock_engine or side_engine_for(engine)
+    try:
+        conn = source.connect()
+    except DBAPIError as exc:
+        from .._plan import unavailable
+
+        raise unavailable(lock_engine or engine, exc) from exc
     try:
         conn.execution_options(isolation_level="AUTOCOMMIT")
         if lock_engine is None:
