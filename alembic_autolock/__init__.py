@@ -9,6 +9,7 @@
 from typing import Any
 
 from ._lazy import install
+from ._migration_lock import migration_lock
 from ._runner import (
     MigrationResult,
     PendingRevision,
@@ -30,6 +31,7 @@ from .exceptions import (
     MigrationFailed,
     MigrationInterrupted,
     PendingMigrations,
+    UnversionedDatabase,
 )
 from .locks import Holder
 
@@ -61,10 +63,12 @@ __all__ = [
     "PendingMigrations",
     "PendingRevision",
     "Status",
+    "UnversionedDatabase",
     "__version__",
     "downgrade",
     "ensure_migrated",
     "install",
+    "migration_lock",
     "status",
     "upgrade",
 ]

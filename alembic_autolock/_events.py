@@ -1,8 +1,9 @@
 """Structured events.
 
 The library never configures structlog. When the application has configured it, events go
-through the application's structlog pipeline under the logger name ``alembic_autolock``. When it
-has not, they go to the stdlib logger ``alembic_autolock`` (so an unconfigured app, or
+through the application's structlog pipeline under the logger name ``alembic.autolock``. When
+it has not, they go to the stdlib logger ``alembic.autolock``, a child of Alembic's own logger
+(so a project's ``[logger_alembic]`` governs them, and an unconfigured app, or
 ``alembic upgrade --sql``, never gets events printed on stdout); the message is
 ``event key=value ...`` and the fields are also on the record as ``autolock_event`` and
 ``autolock_fields``. URLs in fields are masked by the caller (``mask_url``, re-exported here).
@@ -19,7 +20,9 @@ from typing import Any
 
 from ._mask import mask_url as mask_url  # re-exported: the one masking function, see _mask.py
 
-LOGGER_NAME = "alembic_autolock"
+# Under Alembic's own logger, so that a project's existing [logger_alembic] (INFO in every
+# alembic.ini Alembic generates) shows the events without a new section.
+LOGGER_NAME = "alembic.autolock"
 
 # Event names: part of the documented contract (docs/events.md).
 CHECK_CURRENT = "check.current"
@@ -41,6 +44,7 @@ MIGRATION_FAILED = "migration.failed"
 MIGRATED_BY_OTHER = "migration.done_by_other"
 MIGRATION_INTERRUPTED = "migration.interrupted"
 MIGRATION_RESOLVED = "migration.resolved"
+DATABASE_CREATED = "migration.created"
 GATE_CLOSED = "gate.closed"
 ORPHAN_WAITING = "orphan.waiting"
 ORPHAN_GONE = "orphan.gone"
@@ -67,6 +71,10 @@ def emit(event: str, level: str = "info", **fields: Any) -> None:
         getattr(structured, level)(event, **fields)
         return
     levelno = _LEVELS[level]
+    if _stdlib_logger.disabled:
+        # logging.config's disable_existing_loggers (dictConfig's default, Django's LOGGING)
+        # switches off every logger it does not name; the events must not vanish with it
+        _stdlib_logger.disabled = False
     if _stdlib_logger.isEnabledFor(levelno):
         text = " ".join([event, *(f"{k}={v}" for k, v in fields.items())])
         _stdlib_logger.log(

@@ -7,7 +7,6 @@ import configparser
 import copy
 import logging
 import sys
-import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -28,7 +27,7 @@ from ._config import ConfigLike, ini_error, load_config, script_location
 from ._mask import mask_text, mask_url
 from ._settings import Settings, resolve_settings
 from .exceptions import ConfigError, DatabaseUnavailable
-from .locks._session import first_line
+from .locks._session import connect_retrying, first_line
 from .locks.file import sqlite_path
 
 
@@ -161,21 +160,11 @@ def connect(
 def open_connection(
     engine: Engine, masked_url: str | None = None, *, deadline: float | None = None
 ) -> Connection:
-    from .locks import Backoff
-
-    backoff = Backoff(0 if deadline is None else max(0.0, deadline - time.monotonic()), 0.05, 1.0)
-    while True:
-        try:
-            return engine.connect()
-        except DBAPIError as exc:
-            if not (_server_full(exc) and backoff.sleep()):
-                raise unavailable(engine, exc, masked_url) from exc
-
-
-def _server_full(exc: DBAPIError) -> bool:
-    text = str(exc.orig).lower()
-    code = getattr(exc.orig, "args", (None,))[:1]
-    return "too many clients" in text or "too many connections" in text or code == (1040,)
+    """engine.connect(); a full server is retried until ``deadline``; DatabaseUnavailable."""
+    try:
+        return connect_retrying(engine, deadline)
+    except DBAPIError as exc:
+        raise unavailable(engine, exc, masked_url) from exc
 
 
 def unavailable(

@@ -105,6 +105,11 @@ class Tracker:
     # the journal entry of the revision in progress, when it runs outside a transaction
     entry: int | None = None
     steps_seen: bool = False
+    # empty_database = create_all: the metadata to create the tables from, instead of running
+    # the revisions, and the revisions to stamp then (set by env.py after it looked)
+    bootstrap: Any = None
+    destination: str | tuple[str, ...] = "heads"
+    bootstrapped: bool = False
     _step_started: float = 0.0
 
     def wrap(self, fn: MigrationsFn) -> MigrationsFn:
@@ -119,7 +124,10 @@ class Tracker:
                 )
             self.started_heads = tuple(sorted(heads))
             try:
-                steps = list(fn(heads, context))
+                if self.bootstrap is not None and not heads:
+                    steps = self._create_all(context)
+                else:
+                    steps = list(fn(heads, context))
             except (CommandError, ResolutionError) as exc:
                 raise ConfigError(f"{exc} (nothing was applied)") from exc
             self.plan = [step_id(s) for s in steps]
@@ -151,6 +159,20 @@ class Tracker:
             # Alembic asks for the next step only after the last one's transaction closed.
 
         return tracked
+
+    def _create_all(self, context: Any) -> list[Any]:
+        """An empty database: the target metadata's tables, then the heads stamped, in the
+        run's transaction (where the database has transactional DDL)."""
+        script = context.environment_context.script
+        steps = list(script._stamp_revs(self.destination, ()))
+        self.bootstrap.create_all(context.connection)
+        self.bootstrapped = True
+        events.emit(
+            events.DATABASE_CREATED,
+            tables=len(self.bootstrap.tables),
+            stamped=[step_id(s) for s in steps],
+        )
+        return steps
 
     @property
     def direction(self) -> str:
@@ -200,6 +222,42 @@ def _summary(revisions: list[str], limit: int = 10) -> list[str]:
         return revisions
     half = limit // 2
     return [*revisions[:half], f"... {len(revisions) - limit} more ...", *revisions[-half:]]
+
+
+def plan_bootstrap(
+    conn: Connection, settings: Settings, metadata: Any, tracker: Tracker, destination: Any
+) -> None:
+    """empty_database = create_all: on a database with no version table and none of the target
+    metadata's tables, tell ``tracker`` to create them and stamp the heads instead of running
+    the revisions. A database with some of those tables but no version table is refused."""
+    if settings.empty_database != "create_all" or destination not in ("head", "heads"):
+        return
+    from sqlalchemy import inspect
+
+    from .exceptions import UnversionedDatabase
+
+    outside = not conn.in_transaction()
+    try:
+        look = inspect(conn)
+        if look.has_table(settings.version_table, schema=settings.version_table_schema):
+            return
+        if metadata is None:
+            raise ConfigError(
+                "empty_database = create_all needs the models' metadata: pass "
+                "run_migrations(target_metadata=Base.metadata) in env.py, or "
+                "ensure_migrated(engine, target_metadata=Base.metadata)",
+                key="empty_database",
+                value=settings.empty_database,
+                source=settings.source("empty_database"),
+            )
+        found = [t.fullname for t in metadata.sorted_tables if look.has_table(t.name, t.schema)]
+    finally:
+        if outside and conn.in_transaction():
+            conn.rollback()  # Alembic must find no transaction open
+    if found:
+        raise UnversionedDatabase(tables=found, version_table=settings.version_table)
+    tracker.bootstrap = metadata
+    tracker.destination = destination
 
 
 def describe_heads(heads: tuple[str, ...]) -> str:
@@ -373,6 +431,7 @@ class RunContext:
 
     settings: Settings
     connection: Connection
+    tracker: Tracker
     target_metadata: Any = None
 
 
@@ -494,7 +553,8 @@ def run_alembic(
             tracker.journal = journal
             tracker.connection = conn
             run_cfg.attributes["connection"] = conn
-            run_cfg.attributes[RUN_KEY] = RunContext(settings, conn, target_metadata)
+            tracker.destination = destination
+            run_cfg.attributes[RUN_KEY] = RunContext(settings, conn, tracker, target_metadata)
             try:
                 with (
                     keep_loggers_enabled(),

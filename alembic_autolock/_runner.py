@@ -43,8 +43,10 @@ class MigrationResult:
     """What one call did.
 
     ``action`` is one of ``cached`` (answered from the in-process cache), ``current`` (already
-    at the target, nothing applied), ``upgraded``, ``downgraded``, ``ahead`` (the database is at a
-    revision these scripts do not know; nothing touched) or ``skipped`` (mode = off).
+    at the target, nothing applied), ``upgraded``, ``downgraded``, ``created`` (an empty
+    database built from the models and stamped at head: ``empty_database = create_all``;
+    ``applied`` lists the stamped revisions), ``ahead`` (the database is at a revision these
+    scripts do not know; nothing touched) or ``skipped`` (mode = off).
     """
 
     action: str
@@ -123,7 +125,7 @@ def _handle_ahead(
 
 
 def ensure_migrated(
-    engine: Engine, *, config: ConfigLike = None, **settings: Any
+    engine: Engine, *, config: ConfigLike = None, target_metadata: Any = None, **settings: Any
 ) -> MigrationResult:
     """Bring the database to head if the mode allows it, else verify that it is there.
 
@@ -133,19 +135,25 @@ def ensure_migrated(
     meanwhile), and the pending revisions are applied on a fresh, fenced connection.
 
     ``config`` is a path to alembic.ini or pyproject.toml, an ``alembic.config.Config``, or None
-    (``$ALEMBIC_CONFIG``, else ./alembic.ini, else ./pyproject.toml). ``settings`` override
-    any setting (see docs/configuration.md).
+    (``$ALEMBIC_CONFIG``, else ./alembic.ini, else ./pyproject.toml). ``target_metadata`` is
+    the models' MetaData, for ``empty_database = create_all`` when env.py does not pass one.
+    ``settings`` override any setting (see docs/configuration.md).
     """
     started = time.perf_counter()
     # The prepared run (config, settings, scripts) is kept for the life of the process, keyed by
     # the arguments; only the database's answer expires (cache_ttl).
     try:
-        memo: Any = (id(engine), config, tuple(sorted(settings.items())) if settings else ())
+        memo: Any = (
+            id(engine),
+            config,
+            id(target_metadata),
+            tuple(sorted(settings.items())) if settings else (),
+        )
         plan = _state.plans.get(memo)
     except TypeError:  # an unhashable setting value: no memo, everything still works
         memo, plan = None, None
     if plan is not None and plan.engine_ref() is engine:
-        entry = _state.heads.get(plan.cache_key)
+        entry = _state.heads.get(plan.cache_key) if plan.settings.cache_ttl > 0 else None
         if entry is not None and entry[0] > time.monotonic():
             return MigrationResult("cached", (), entry[1], 0.0, time.perf_counter() - started)
     else:
@@ -160,7 +168,15 @@ def ensure_migrated(
         return MigrationResult("skipped", elapsed_s=time.perf_counter() - started)
 
     if plan.process_local and s.mode == "upgrade":
-        return _migrate(engine, plan, "heads", upgrade=True, started=started, settle=_at_head(plan))
+        return _migrate(
+            engine,
+            plan,
+            "heads",
+            upgrade=True,
+            started=started,
+            settle=_at_head(plan),
+            target_metadata=target_metadata,
+        )
     conn = open_connection(engine, plan.masked_url, deadline=time.monotonic() + s.timeout)
     try:
         heads = heads_on(conn, s)
@@ -189,7 +205,14 @@ def ensure_migrated(
         raise PendingMigrations(pending=pending, heads=heads, command=_upgrade_command(plan))
     # the first look's connection makes the first attempt at the lock
     return _migrate(
-        engine, plan, "heads", upgrade=True, started=started, settle=_at_head(plan), first=conn
+        engine,
+        plan,
+        "heads",
+        upgrade=True,
+        started=started,
+        settle=_at_head(plan),
+        first=conn,
+        target_metadata=target_metadata,
     )
 
 
@@ -261,6 +284,7 @@ def _migrate(
     started: float,
     settle: Callable[[tuple[str, ...]], bool] | None,
     first: Connection | None = None,
+    target_metadata: Any = None,
 ) -> MigrationResult:
     s = plan.settings
     lock, migration_engine = make_lock(engine, s, plan.namespace)
@@ -284,12 +308,16 @@ def _migrate(
             destination=destination,
             upgrade=upgrade,
             masked_url=plan.masked_url,
+            target_metadata=target_metadata,
         )
     finally:
         lock.release()
     _remember(plan, after)
     elapsed = time.perf_counter() - started
-    action = ("upgraded" if upgrade else "downgraded") if tracker.done else "current"
+    if tracker.bootstrapped:
+        action = "created"
+    else:
+        action = ("upgraded" if upgrade else "downgraded") if tracker.done else "current"
     events.emit(
         events.MIGRATION_COMPLETED,
         database=plan.masked_url,
@@ -322,7 +350,12 @@ def _check_revision(plan: Plan, revision: str) -> None:
 
 
 def upgrade(
-    engine: Engine, revision: str = "head", *, config: ConfigLike = None, **settings: Any
+    engine: Engine,
+    revision: str = "head",
+    *,
+    config: ConfigLike = None,
+    target_metadata: Any = None,
+    **settings: Any,
 ) -> MigrationResult:
     """Upgrade to ``revision`` (default ``head``; ``heads`` for every branch) under the lock.
 
@@ -341,7 +374,15 @@ def upgrade(
         if unknown:
             return _handle_ahead(plan, heads, unknown, started)
         settle = _at_head(plan)
-    return _migrate(engine, plan, revision, upgrade=True, started=started, settle=settle)
+    return _migrate(
+        engine,
+        plan,
+        revision,
+        upgrade=True,
+        started=started,
+        settle=settle,
+        target_metadata=target_metadata,
+    )
 
 
 def downgrade(

@@ -30,6 +30,7 @@ LOCK_NAMES = ("auto", "postgresql", "mysql", "file", "none")
 MODES = ("off", "check", "upgrade")
 TRANSACTIONS = ("per-migration", "all")
 ON_AHEAD = ("warn", "error")
+EMPTY_DATABASE = ("upgrade", "create_all")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -57,6 +58,7 @@ class Settings:
     on_ahead: str = "warn"
     lock_ttl: float = 15.0
     orphan_wait: float = 10.0
+    empty_database: str = "upgrade"
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -211,6 +213,13 @@ def _lock_url(key: str, value: object, source: str) -> str | None:
     return text
 
 
+def _empty_database(key: str, value: object, source: str) -> str:
+    text = value.strip().lower().replace("-", "_") if isinstance(value, str) else None
+    if text not in EMPTY_DATABASE:
+        raise _fail(key, value, source, "one of " + ", ".join(EMPTY_DATABASE))
+    return text
+
+
 _PARSERS: dict[str, Callable[[str, object, str], Any]] = {
     "lock": _parse_lock,
     "lock_url": _lock_url,
@@ -227,6 +236,7 @@ _PARSERS: dict[str, Callable[[str, object, str], Any]] = {
     "on_ahead": _choice(ON_AHEAD),
     "lock_ttl": _as_seconds,
     "orphan_wait": _as_seconds,
+    "empty_database": _empty_database,
 }
 
 KEYS = tuple(sorted(_PARSERS))

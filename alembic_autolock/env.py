@@ -35,6 +35,7 @@ from ._run import (
     autocommit,
     failure,
     migration_session,
+    plan_bootstrap,
     rollback_quietly,
     truthful_lost,
 )
@@ -107,6 +108,10 @@ def run_migrations(
         _check_reserved(options)
         if run is not None:  # ensure_migrated/upgrade/downgrade: they hold the lock and fence
             _setup(run.connection, connection_setup)
+            metadata = target_metadata if target_metadata is not None else run.target_metadata
+            plan_bootstrap(run.connection, settings, metadata, run.tracker, run.tracker.destination)
+            if options.get("target_metadata") is None:
+                options["target_metadata"] = metadata
             context.configure(connection=run.connection, **options)
             with context.begin_transaction():
                 context.run_migrations()
@@ -235,6 +240,13 @@ def _run_locked(
         ) as journal:
             tracker.journal = journal
             _setup(conn, setup)
+            plan_bootstrap(
+                conn,
+                settings,
+                options.get("target_metadata"),
+                tracker,
+                env.context_opts.get("destination_rev"),
+            )
             context.configure(connection=conn, fn=tracker.wrap(env.context_opts["fn"]), **options)
             try:
                 with context.begin_transaction():

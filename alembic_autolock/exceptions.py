@@ -22,6 +22,7 @@ __all__ = [
     "MigrationFailed",
     "MigrationInterrupted",
     "PendingMigrations",
+    "UnversionedDatabase",
 ]
 
 
@@ -275,4 +276,21 @@ class DatabaseAhead(AutolockError):
             f"the database is at revision(s) {', '.join(self.unknown)}, which these migration "
             "scripts do not contain: a newer version of the application has probably migrated "
             "it. Deploy the newer code, or set on_ahead = warn to start anyway."
+        )
+
+
+class UnversionedDatabase(AutolockError):
+    """``empty_database = create_all`` found tables of the models in a database without a
+    version table: it was not built by these migrations, or its version table was dropped, so
+    neither creating nor migrating it is safe to guess. ``tables`` names what was found."""
+
+    def __init__(self, *, tables: Sequence[str], version_table: str) -> None:
+        self.tables = tuple(tables)
+        self.version_table = version_table
+        shown = ", ".join(self.tables[:10]) + (" ..." if len(self.tables) > 10 else "")
+        super().__init__(
+            f"the database has {len(self.tables)} table(s) of the models ({shown}) but no "
+            f"{version_table} table, so it is neither empty nor under these migrations: nothing "
+            "was created or applied. If its schema is the models' current one, record that with "
+            "`alembic stamp head`; otherwise stamp the revision it matches, then upgrade."
         )

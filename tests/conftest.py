@@ -339,7 +339,7 @@ class _EventRecorder(logging.Handler):
 @pytest.fixture(scope="session", autouse=True)
 def _no_secret_in_events() -> Iterator[None]:
     """Fail the session if any event of the library carried a test secret."""
-    logger = logging.getLogger("alembic_autolock")
+    logger = logging.getLogger("alembic.autolock")
     recorder, level = _EventRecorder(), logger.level
     logger.addHandler(recorder)
     logger.setLevel(logging.DEBUG)

@@ -130,7 +130,7 @@ def test_init_writes_an_environment_that_uses_the_hook(tmp_path: Path, trace: An
     env_py = (tmp_path / "migrations" / "env.py").read_text()
     assert "from alembic_autolock.env import run_migrations" in env_py
     ini = (tmp_path / "alembic.ini").read_text()
-    assert "[alembic_autolock]" in ini and "qualname = alembic_autolock" in ini
+    assert "[alembic_autolock]" in ini and "qualname = alembic\n" in ini
     db = tmp_path / "app.db"
     (tmp_path / "alembic.ini").write_text(
         ini.replace("driver://user:pass@localhost/dbname", f"sqlite:///{db}")

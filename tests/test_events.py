@@ -44,11 +44,11 @@ def test_unconfigured_structlog_goes_to_stdlib_not_stdout(
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Without structlog configured, events are stdlib records of logger 'alembic_autolock'
+    """Without structlog configured, events are stdlib records of logger 'alembic.autolock'
     (message 'event key=value', fields as attributes), and nothing is printed."""
-    with caplog.at_level(logging.INFO, logger="alembic_autolock"):
+    with caplog.at_level(logging.INFO, logger="alembic.autolock"):
         ensure_migrated(make_engine(sqlite_url), config=make_ini(sqlite_url))
-    records = [r for r in caplog.records if r.name == "alembic_autolock"]
+    records = [r for r in caplog.records if r.name == "alembic.autolock"]
     assert [r.autolock_event for r in records][:2] == ["check.pending", "lock.acquired"]  # type: ignore[attr-defined]
     completed = records[-1]
     assert completed.autolock_fields["applied"] == ALL_REVS  # type: ignore[attr-defined]
@@ -61,7 +61,7 @@ def test_a_url_password_never_reaches_an_event(
 ) -> None:
     """Events carry the masked database URL."""
     url = pg_url.replace("postgres@", "postgres:sekrit-pw@")
-    with caplog.at_level(logging.DEBUG, logger="alembic_autolock"):
+    with caplog.at_level(logging.DEBUG, logger="alembic.autolock"):
         ensure_migrated(make_engine(url), config=make_ini(url))
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "migration.completed" in text

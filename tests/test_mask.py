@@ -604,7 +604,7 @@ def test_no_output_path_shows_a_secret(
     unreachable = base.set(port=1, password="S3cr3t-pw").render_as_string(hide_password=False)
     out = Outputs()
 
-    with caplog.at_level(logging.DEBUG, logger="alembic_autolock"):
+    with caplog.at_level(logging.DEBUG, logger="alembic.autolock"):
         # check mode: a % in the ini's sqlalchemy.url, then events and PendingMigrations
         bad_percent = _ini(tmp_path, "percent.ini", "postgresql://u:S3cr3t%40pc@h/db")
         out.expect_error(
@@ -660,7 +660,7 @@ def test_no_output_path_shows_a_secret(
         )
         out.add(proc.stdout, proc.stderr)
 
-    records = [r for r in caplog.records if r.name == "alembic_autolock"]
+    records = [r for r in caplog.records if r.name == "alembic.autolock"]
     out.add(*(r.getMessage() for r in records))
     out.add(*(repr(getattr(r, "autolock_fields", None)) for r in records))
 

@@ -105,6 +105,18 @@ def test_cache_disabled_or_expired_reads_the_database(
     assert trace.bodies() == [*ALL_REVS, "r5"]
 
 
+def test_cache_ttl_zero_is_never_answered_from_the_cache(
+    pg_url: str, make_ini: Any, make_engine: Any
+) -> None:
+    """A call with cache_ttl = 0 reads the database even when an earlier call with the default
+    TTL left an answer for the same engine."""
+    engine = make_engine(pg_url)
+    ini = make_ini(pg_url)
+    assert ensure_migrated(engine, config=ini).action == "upgraded"
+    assert ensure_migrated(engine, config=ini).action == "cached"
+    assert ensure_migrated(engine, config=ini, cache_ttl=0).action == "current"
+
+
 def test_failure_per_migration_keeps_the_last_good_revision(
     pg_url: str, make_ini: Any, make_engine: Any, trace: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -69,7 +69,7 @@ def open_side_connection(
     in pg_stat_activity. DatabaseUnavailable if the server cannot be reached."""
     source = lock_engine or side_engine_for(engine)
     try:
-        conn = source.connect()
+        conn = connect_retrying(source, time.monotonic() + SERVER_FULL_WAIT)
     except DBAPIError as exc:
         from .._plan import unavailable
 
@@ -84,6 +84,30 @@ def open_side_connection(
         close(conn)
         raise
     return conn
+
+
+# How long the library's own short connections retry a server that is full.
+SERVER_FULL_WAIT = 10.0
+
+
+def server_full(exc: DBAPIError) -> bool:
+    """ "too many clients" (PostgreSQL) or "Too many connections" (MySQL, 1040): a fleet
+    starting at once; the server has room again a moment later."""
+    text = str(exc.orig).lower()
+    code = getattr(exc.orig, "args", (None,))[:1]
+    return "too many clients" in text or "too many connections" in text or code == (1040,)
+
+
+def connect_retrying(engine: Engine, deadline: float | None) -> Connection:
+    """engine.connect(), retrying a full server with jittered backoff until ``deadline`` (a
+    ``time.monotonic()``; None: no retry). Other errors are raised at once."""
+    backoff = Backoff(0 if deadline is None else max(0.0, deadline - time.monotonic()), 0.05, 1.0)
+    while True:
+        try:
+            return engine.connect()
+        except DBAPIError as exc:
+            if not (server_full(exc) and backoff.sleep()):
+                raise
 
 
 def close(conn: Connection) -> None:

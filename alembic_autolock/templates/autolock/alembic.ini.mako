@@ -30,7 +30,7 @@ sqlalchemy.url = driver://user:pass@localhost/dbname
 [post_write_hooks]
 
 [loggers]
-keys = root,sqlalchemy,alembic,alembic_autolock
+keys = root,sqlalchemy,alembic
 
 [handlers]
 keys = console
@@ -52,11 +52,6 @@ qualname = sqlalchemy.engine
 level = INFO
 handlers =
 qualname = alembic
-
-[logger_alembic_autolock]
-level = INFO
-handlers =
-qualname = alembic_autolock
 
 [handler_console]
 class = StreamHandler
