@@ -48,6 +48,8 @@ SLOW_POLL = 1.0
 FAST_POLL = 0.2
 # and reads the version table this often.
 LOOK_EVERY = 0.5
+# A holder asks whether its lock is still held before each revision, at most this often.
+CHECK_EVERY = 0.1
 
 
 @dataclass(frozen=True)
@@ -390,6 +392,7 @@ class MigrationLock:
         self.fence = fence
         self.waited_s = 0.0
         self._process_lock: threading.Lock | None = None
+        self._checked_at = -CHECK_EVERY
 
     def acquire(self, watch: Watch | None = None, *, first: Connection | None = None) -> Acquired:
         """Wait up to ``timeout`` for the lock, or until ``watch`` says the run is settled.
@@ -532,9 +535,16 @@ class MigrationLock:
         events.emit(events.LOCK_RELEASED, backend=self.backend.name, namespace=self.namespace)
 
     def check(self, *, revision: str | None, applied: list[str]) -> None:
+        """Raise LockLost if the lock is gone. Called before each revision; asked of the
+        backend at most every ``CHECK_EVERY`` seconds (a short revision after another does not
+        pay a round trip: the fence, not this check, keeps a second migrator out)."""
+        now = time.monotonic()
+        if now - self._checked_at < CHECK_EVERY:
+            return
         reason = self.lost()
         if reason is not None:
             raise self.lost_error(reason, revision=revision, applied=applied)
+        self._checked_at = time.monotonic()
 
     def lost(self) -> str | None:
         return self.backend.lost()
