@@ -8,6 +8,13 @@
 
 from typing import Any
 
+from ._async import (
+    downgrade_async,
+    ensure_migrated_async,
+    migration_lock_async,
+    status_async,
+    upgrade_async,
+)
 from ._lazy import install
 from ._migration_lock import migration_lock
 from ._runner import (
@@ -66,9 +73,14 @@ __all__ = [
     "UnversionedDatabase",
     "__version__",
     "downgrade",
+    "downgrade_async",
     "ensure_migrated",
+    "ensure_migrated_async",
     "install",
     "migration_lock",
+    "migration_lock_async",
     "status",
+    "status_async",
     "upgrade",
+    "upgrade_async",
 ]

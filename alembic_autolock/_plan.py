@@ -94,12 +94,20 @@ def load_scripts(cfg: Config) -> tuple[ScriptDirectory, frozenset[str]]:
     return script, heads
 
 
+def check_engine(engine: object) -> None:
+    """A ConfigError for anything but an Engine, saying what to call instead."""
+    if isinstance(engine, Engine):
+        return
+    hint = (
+        "for an AsyncEngine use the _async twin (await ensure_migrated_async(engine))"
+        if type(engine).__name__ == "AsyncEngine"
+        else "pass the result of sqlalchemy.create_engine(...)"
+    )
+    raise ConfigError(f"expected an SQLAlchemy Engine, got {type(engine).__name__}: {hint}")
+
+
 def prepare(engine: Engine, config: ConfigLike, overrides: Mapping[str, Any]) -> Plan:
-    if not isinstance(engine, Engine):
-        raise ConfigError(
-            f"expected an SQLAlchemy Engine, got {type(engine).__name__}: pass the result of "
-            "sqlalchemy.create_engine(...)"
-        )
+    check_engine(engine)
     from os import environ
 
     cfg = load_config(config, environ=environ)

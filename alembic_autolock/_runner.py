@@ -33,6 +33,7 @@ from ._plan import (
 )
 from ._run import _summary, gate_downgrade, heads_now, open_journal, run_alembic
 from ._settings import Settings
+from ._wait import offload
 from .exceptions import ConfigError, DatabaseAhead, PendingMigrations
 from .locks import Holder, MigrationLock, ProcessOnlyLock, Watch, make_backend, make_fence
 from .locks._session import lock_engine_for, side_connection
@@ -157,7 +158,7 @@ def ensure_migrated(
         if entry is not None and entry[0] > time.monotonic():
             return MigrationResult("cached", (), entry[1], 0.0, time.perf_counter() - started)
     else:
-        plan = prepare(engine, config, settings)
+        plan = offload(prepare, engine, config, settings)  # file system work, off an event loop
         if memo is not None:
             if len(_state.plans) >= _state.MAX_PLANS:  # an app that makes engine after engine
                 _state.plans.clear()
@@ -202,7 +203,12 @@ def ensure_migrated(
     )
     if s.mode == "check":
         conn.close()
-        raise PendingMigrations(pending=pending, heads=heads, command=_upgrade_command(plan))
+        raise PendingMigrations(
+            pending=pending,
+            heads=heads,
+            command=_upgrade_command(plan),
+            mode_source=s.source("mode"),
+        )
     # the first look's connection makes the first attempt at the lock
     return _migrate(
         engine,
@@ -235,7 +241,8 @@ def _upgrade_command(plan: Plan) -> str:
     configured = main_option(plan.cfg, "sqlalchemy.url") if plan.cfg.config_file_name else None
     if configured is None or mask_url(configured) != plan.masked_url:
         parts += ["--url", f"'{plan.masked_url}'"]  # masked: the operator supplies the password
-    return " ".join([*parts, "upgrade"])
+    # "heads": every branch, as ensure_migrated applies them ("head" fails on two heads)
+    return " ".join([*parts, "upgrade", "heads" if len(plan.script_heads) > 1 else "head"])
 
 
 def make_lock(engine: Engine, settings: Settings, namespace: str) -> tuple[MigrationLock, Engine]:
@@ -256,7 +263,7 @@ def _watch(engine: Engine, plan: Plan, settle: Callable[[tuple[str, ...]], bool]
 
 
 def _done_by_other(
-    plan: Plan, heads: tuple[str, ...], waited: float, started: float
+    engine: Engine, plan: Plan, heads: tuple[str, ...], waited: float, started: float
 ) -> MigrationResult:
     unknown = unknown_heads(plan.script, heads)
     if unknown:
@@ -267,8 +274,21 @@ def _done_by_other(
         heads=list(heads),
         waited_s=round(waited, 3),
     )
+    refresh_pool(engine, plan.settings, plan.masked_url)  # another process changed the schema
     _remember(plan, heads)
     return MigrationResult("current", (), heads, waited, time.perf_counter() - started)
+
+
+def refresh_pool(engine: Engine, settings: Settings, masked_url: str) -> None:
+    """After the schema changed, the application's pooled connections may hold prepared
+    statements and type caches of the old one ("cached plan must not change result type" on
+    PostgreSQL): replace the pool (connections checked out now are dropped when returned).
+    Not for SQLite, whose driver re-prepares statements after a schema change by itself, and
+    whose in-memory database lives only as long as its pool's one connection."""
+    if not settings.refresh_pool or engine.dialect.name == "sqlite":
+        return
+    engine.dispose()
+    events.emit(events.POOL_REFRESHED, database=masked_url)
 
 
 def _second_look(lock: MigrationLock, engine: Engine, plan: Plan) -> tuple[str, ...]:
@@ -291,12 +311,12 @@ def _migrate(
     watch = _watch(engine, plan, settle) if settle is not None else None
     acquired = lock.acquire(watch, first=first)
     if not acquired.held:
-        return _done_by_other(plan, acquired.heads or (), acquired.waited_s, started)
+        return _done_by_other(engine, plan, acquired.heads or (), acquired.waited_s, started)
     waited = acquired.waited_s
     try:
         heads = _second_look(lock, engine, plan)
         if settle is not None and settle(heads):
-            return _done_by_other(plan, heads, waited, started)
+            return _done_by_other(engine, plan, heads, waited, started)
         _state.forget_heads(plan.cache_key)
         tracker, after = run_alembic(
             engine,
@@ -318,6 +338,8 @@ def _migrate(
         action = "created"
     else:
         action = ("upgraded" if upgrade else "downgraded") if tracker.done else "current"
+    if action != "current":
+        refresh_pool(engine, s, plan.masked_url)
     events.emit(
         events.MIGRATION_COMPLETED,
         database=plan.masked_url,

@@ -8,6 +8,7 @@ Types are coerced here and only here. A bad value raises ConfigError naming the 
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import re
@@ -47,7 +48,7 @@ class Settings:
     lock_url: str | None = None
     timeout: float = 30.0
     cache_ttl: float = 300.0
-    mode: str = "upgrade"
+    mode: str = "upgrade"  # default: "check" in a production environment
     environment: str = "development"
     production_environments: frozenset[str] = frozenset({"production", "prod"})
     allow_downgrade: bool = True
@@ -59,11 +60,12 @@ class Settings:
     lock_ttl: float = 15.0
     orphan_wait: float = 10.0
     empty_database: str = "upgrade"
+    refresh_pool: bool = True
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_production(self) -> bool:
-        return self.environment.lower() in self.production_environments
+        return is_production(self.environment, self.production_environments)
 
     def source(self, key: str) -> str:
         return self.sources.get(key, "default")
@@ -237,12 +239,24 @@ _PARSERS: dict[str, Callable[[str, object, str], Any]] = {
     "lock_ttl": _as_seconds,
     "orphan_wait": _as_seconds,
     "empty_database": _empty_database,
+    "refresh_pool": _as_bool,
 }
 
 KEYS = tuple(sorted(_PARSERS))
 
 # Environment variables with this prefix that are not settings keys but are still ours.
 _ENV_ALIASES = {"ALEMBIC_AUTOLOCK_ENV": "environment"}
+
+# Where platforms and frameworks put the deployment environment, read in this order when
+# neither the environment setting nor ALEMBIC_AUTOLOCK_ENV says it.
+PLATFORM_ENV_VARS = ("APP_ENV", "APP_ENVIRONMENT", "ENVIRONMENT", "ENV", "DEPLOY_ENV", "FLASK_ENV")
+
+
+def is_production(environment: str, patterns: frozenset[str]) -> bool:
+    """Whether ``environment`` matches one of the production names or glob patterns
+    (``prod*``), case-insensitively."""
+    name = environment.lower()
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def _unknown(key: str, source: str) -> ConfigError:
@@ -283,9 +297,12 @@ def resolve_settings(
             continue  # ALEMBIC_AUTOLOCK_ENVIRONMENT wins over the short alias
         from_env[key] = value
         env_sources[key] = f"environment variable {name}"
-    if "environment" not in from_env and env.get("APP_ENV"):
-        from_env["environment"] = env["APP_ENV"]
-        env_sources["environment"] = "environment variable APP_ENV"
+    if "environment" not in from_env:
+        for name in PLATFORM_ENV_VARS:
+            if env.get(name, "").strip():
+                from_env["environment"] = env[name]
+                env_sources["environment"] = f"environment variable {name}"
+                break
     layers.append((from_env, env_sources))
 
     if cfg is not None:
@@ -308,8 +325,13 @@ def resolve_settings(
                 break
 
     environment = resolved.get("environment", Settings.environment)
-    production = resolved.get("production_environments", Settings.production_environments)
+    production = is_production(
+        environment, resolved.get("production_environments", Settings.production_environments)
+    )
     if "allow_downgrade" not in resolved:
-        resolved["allow_downgrade"] = environment.lower() not in production
+        resolved["allow_downgrade"] = not production
         sources["allow_downgrade"] = f"default for environment {environment!r}"
+    if "mode" not in resolved:
+        resolved["mode"] = "check" if production else "upgrade"
+        sources["mode"] = f"default for environment {environment!r}"
     return Settings(**resolved, sources=sources)

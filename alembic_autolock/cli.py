@@ -24,6 +24,7 @@ from sqlalchemy.pool import NullPool
 from . import _runner
 from ._config import load_config, main_option
 from ._mask import mask_text, mask_url, parse_url
+from ._wait import run_for_engine
 from .exceptions import AutolockError, ConfigError
 
 EXIT_OK, EXIT_PENDING, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -71,9 +72,17 @@ def _with_engine(args: argparse.Namespace, fn: Callable[[Engine, Config], int]) 
     cfg = _config(args)
     engine = _engine(args, cfg)
     try:
-        return fn(engine, cfg)
+        # an async driver's URL (postgresql+asyncpg://...) runs inside an event loop
+        return run_for_engine(engine, _and_dispose, fn, engine, cfg)
     finally:
         engine.dispose()
+
+
+def _and_dispose(fn: Callable[[Engine, Config], int], engine: Engine, cfg: Config) -> int:
+    try:
+        return fn(engine, cfg)
+    finally:
+        engine.dispose()  # where the connections can be closed (an async driver's loop)
 
 
 def _report(result: _runner.MigrationResult) -> None:
@@ -315,7 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         return p
 
-    add("upgrade", cmd_upgrade).add_argument("revision", nargs="?", default="head")
+    add("upgrade", cmd_upgrade).add_argument(
+        "revision",
+        nargs="?",
+        default="heads",
+        help="the target revision (default: heads, every branch's head)",
+    )
     add("downgrade", cmd_downgrade).add_argument("revision")
     add("status", cmd_status).add_argument("--json", action="store_true", help="JSON on stdout")
     add("check", cmd_check)

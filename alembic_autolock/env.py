@@ -34,12 +34,14 @@ from ._run import (
     Tracker,
     autocommit,
     failure,
+    gate_downgrade,
     migration_session,
     plan_bootstrap,
     rollback_quietly,
     truthful_lost,
 )
 from ._settings import Settings, resolve_settings
+from ._wait import run_for_engine
 from .exceptions import AutolockError, ConfigError, LockLost
 from .locks import MigrationLock, Watch
 
@@ -133,48 +135,76 @@ def _run_from_alembic(
 ) -> None:
     """The plain ``alembic`` command (or ``alembic.command.*`` called from code)."""
     mutating = "destination_rev" in env.context_opts and not env.context_opts.get("dont_mutate")
+    fn = env.context_opts.get("fn")
+    if getattr(fn, "__module__", "") == "alembic.command" and fn.__name__ == "downgrade":
+        gate_downgrade(settings)  # before any lock is taken or connection made
     with _connectable(context, config) as (engine, given):
-        if not mutating:  # current, check, history, autogenerate: read only, no lock
-            with _connection(engine, given) as conn:
-                _setup(conn, setup)
-                context.configure(connection=conn, **options)
-                with context.begin_transaction():
-                    context.run_migrations()
+        run_for_engine(
+            engine,
+            _run_with,
+            context,
+            env,
+            engine,
+            given,
+            settings,
+            options,
+            setup,
+            mutating,
+        )
+
+
+def _run_with(
+    context: Any,
+    env: Any,
+    engine: Engine,
+    given: Connection | None,
+    settings: Settings,
+    options: dict[str, Any],
+    setup: ConnectionSetup | None,
+    mutating: bool,
+) -> None:
+    """Check, lock, migrate (the plain command's path, once the engine can connect)."""
+    if not mutating:  # current, check, history, autogenerate: read only, no lock
+        with _connection(engine, given) as conn:
+            _setup(conn, setup)
+            context.configure(connection=conn, **options)
+            with context.begin_transaction():
+                context.run_migrations()
+        return
+    namespace = derive_namespace(settings, engine)
+    from ._runner import make_lock
+
+    lock, migration_engine = make_lock(engine, settings, namespace)
+    if given is not None:
+        migration_engine = engine
+    destination = env.context_opts.get("destination_rev")
+    script_heads = frozenset(env.script.get_heads())
+    at_target: Callable[[tuple[str, ...]], bool] | None = None
+    if destination in ("head", "heads"):
+
+        def at_target(heads: tuple[str, ...]) -> bool:
+            return frozenset(heads) == script_heads
+
+    while True:
+        if at_target is not None and _noop_if_settled(
+            context, env, engine, given, settings, options, setup, at_target
+        ):
             return
-        namespace = derive_namespace(settings, engine)
-        from ._runner import make_lock
+        watch = None
+        if at_target is not None:
 
-        lock, migration_engine = make_lock(engine, settings, namespace)
-        if given is not None:
-            migration_engine = engine
-        destination = env.context_opts.get("destination_rev")
-        script_heads = frozenset(env.script.get_heads())
-        at_target: Callable[[tuple[str, ...]], bool] | None = None
-        if destination in ("head", "heads"):
+            def read(conn: Connection | None) -> tuple[str, ...] | None:
+                return peek_heads(conn, engine, settings)
 
-            def at_target(heads: tuple[str, ...]) -> bool:
-                return frozenset(heads) == script_heads
-
-        while True:
-            if at_target is not None and _noop_if_settled(
-                context, env, engine, given, settings, options, setup, at_target
-            ):
-                return
-            watch = None
-            if at_target is not None:
-
-                def read(conn: Connection | None) -> tuple[str, ...] | None:
-                    return peek_heads(conn, engine, settings)
-
-                watch = Watch(read=read, settled=at_target)
-            acquired = lock.acquire(watch)
-            if acquired.held:
-                break
-        try:
-            _run_locked(context, env, lock, migration_engine, given, settings, options, setup)
-        finally:
-            lock.release()
-            _state.heads.clear()  # this process's own cached "at head" answers are stale now
+            watch = Watch(read=read, settled=at_target)
+        acquired = lock.acquire(watch)
+        if acquired.held:
+            break
+    try:
+        _run_locked(context, env, lock, migration_engine, given, settings, options, setup)
+    finally:
+        lock.release()
+        _state.heads.clear()  # this process's own cached "at head" answers are stale now
 
 
 def _noop_if_settled(
@@ -372,6 +402,8 @@ def _connectable(context: Any, config: Any) -> Iterator[tuple[Engine, Connection
     if isinstance(connectable, Connection):
         yield connectable.engine, connectable
         return
+    if type(connectable).__name__ == "AsyncEngine":
+        connectable = connectable.sync_engine
     if isinstance(connectable, Engine):
         yield connectable, None
         return

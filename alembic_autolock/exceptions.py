@@ -245,14 +245,17 @@ class PendingMigrations(AutolockError):
         pending: Sequence[tuple[str, str | None]],
         heads: Sequence[str],
         command: str,
+        mode_source: str = "default",
     ) -> None:
         self.pending = tuple(pending)
         self.heads = tuple(heads)
         self.command = command
+        self.mode_source = mode_source
         listed = ", ".join(f"{rev} ({msg})" if msg else rev for rev, msg in self.pending)
         super().__init__(
             f"{len(self.pending)} migration(s) pending: {listed}. This process is in check mode "
-            f"and does not migrate; apply them with `{command}`."
+            f"(mode = check, from {mode_source}) and does not migrate; apply them with "
+            f"`{command}`, or let this process migrate with ALEMBIC_AUTOLOCK_MODE=upgrade."
         )
 
 

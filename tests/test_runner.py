@@ -451,7 +451,9 @@ def test_pending_command_names_the_engine_url_when_the_config_differs(
     ini = make_ini("postgresql+psycopg2://someone:pw@elsewhere/other")
     with pytest.raises(PendingMigrations) as info:
         ensure_migrated(make_engine(pg_url), config=ini, mode="check")
-    assert info.value.command == f"alembic-autolock -c {ini} --url '{mask_url(pg_url)}' upgrade"
+    assert (
+        info.value.command == f"alembic-autolock -c {ini} --url '{mask_url(pg_url)}' upgrade head"
+    )
     with pytest.raises(PendingMigrations) as info:
         ensure_migrated(make_engine(pg_url), config=make_ini(pg_url), mode="check")
     assert "--url" not in info.value.command

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import _events as events
 from .. import _state
+from .._wait import acquire, pause, task_id
 from ..exceptions import AutolockError, ConfigError, LockLost, LockTimeout
 
 if TYPE_CHECKING:
@@ -221,7 +222,7 @@ class Backoff:
         remaining = self.deadline - time.monotonic()
         if remaining <= 0:
             return False
-        time.sleep(min(remaining, self.delay * random.uniform(0.5, 1.5)))
+        pause(min(remaining, self.delay * random.uniform(0.5, 1.5)))
         self.delay = min(self.delay * 2, self.cap)
         return True
 
@@ -229,8 +230,9 @@ class Backoff:
 def slow_pause(deadline: float, first: bool) -> None:
     """The pause of a waiter that is not the designated one: spread over time, so that a fleet
     of waiters makes a steady trickle of short attempts rather than bursts."""
-    pause = random.uniform(0.3, SLOW_POLL) if first else random.uniform(SLOW_POLL / 2, SLOW_POLL)
-    time.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+    pause_s = random.uniform(0.3, SLOW_POLL) if first else random.uniform(SLOW_POLL / 2, SLOW_POLL)
+    sleep_for = max(0.0, min(pause_s, deadline - time.monotonic()))
+    pause(sleep_for)
 
 
 class ProcessOnlyLock:
@@ -402,7 +404,13 @@ class MigrationLock:
         start = time.monotonic()
         deadline = start + self.timeout
         try:
-            self._take_process_lock(start)
+            if not self._take_process_lock(start, wait=False):
+                # another thread (or task) of this process migrates: give the first look's
+                # connection back rather than hold it while waiting
+                if first is not None:
+                    first.close()
+                    first = None
+                self._take_process_lock(start, wait=True)
         except BaseException:
             if first is not None:
                 first.close()
@@ -427,20 +435,20 @@ class MigrationLock:
         )
         return Acquired(True, self.waited_s)
 
-    def _take_process_lock(self, start: float) -> None:
+    def _take_process_lock(self, start: float, *, wait: bool) -> bool:
+        """Take the process-local lock: without waiting (False if busy), or waiting up to the
+        timeout (LockTimeout)."""
         plock = _state.process_lock(self.namespace)
-        me = (threading.get_ident(), threading.current_thread().name)
+        me = (task_id(), threading.current_thread().name)
         if _state.process_lock_owners.get(self.namespace, (None,))[0] == me[0]:
             raise AutolockError(
                 f"thread {me[1]!r} already holds the migration lock {self.namespace!r}: a "
                 "migration must not call ensure_migrated/upgrade for its own database"
             )
-        got = (
-            plock.acquire(timeout=min(self.timeout, threading.TIMEOUT_MAX))
-            if self.timeout
-            else (plock.acquire(False))
-        )
-        if not got:
+        if not wait:
+            if not plock.acquire(False):
+                return False
+        elif not acquire(plock, max(0.0, self.timeout - (time.monotonic() - start))):
             owner = _state.process_lock_owners.get(self.namespace, (None, "another thread"))[1]
             holder = Holder(backend="process", session=f"thread {owner!r} of this process")
             waited = time.monotonic() - start
@@ -460,6 +468,7 @@ class MigrationLock:
             )
         _state.process_lock_owners[self.namespace] = me
         self._process_lock = plock
+        return True
 
     def _wait(self, watch: Watch | None, first: Connection | None, deadline: float) -> Attempt:
         backend = self.backend
