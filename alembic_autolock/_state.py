@@ -43,7 +43,16 @@ def reset() -> None:
 
 
 def _after_fork() -> None:
+    """In a forked child (gunicorn --preload, Celery prefork, multiprocessing): nothing of the
+    parent's is shared. Every engine the library used gets a fresh pool without closing the
+    parent's connections (SQLAlchemy's dispose(close=False)), so the child never talks on a
+    socket its parent uses; the library's own engines and clients are dropped the same way."""
     global registry_lock
+    for engine in [*engine_tokens, *side_engines.values(), *lock_engines.values()]:
+        try:
+            engine.dispose(close=False)
+        except Exception:  # noqa: S112 - an engine in an odd state: the child makes its own
+            continue
     plans.clear()
     heads.clear()
     process_locks.clear()

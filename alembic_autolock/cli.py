@@ -100,7 +100,10 @@ def _report(result: _runner.MigrationResult) -> None:
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    """Upgrade the database to a revision (default: head), under the migration lock."""
+    """Upgrade the database to a revision (default: heads), under the migration lock.
+    With --sql, print the SQL instead (offline: no lock, no connection)."""
+    if args.sql:
+        return _offline(args, "upgrade")
 
     def run(engine: Engine, cfg: Config) -> int:
         _report(_runner.upgrade(engine, args.revision, config=cfg))
@@ -110,13 +113,44 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_downgrade(args: argparse.Namespace) -> int:
-    """Downgrade the database to a revision, under the lock, if allow_downgrade permits."""
+    """Downgrade the database to a revision, under the lock, if allow_downgrade permits.
+    With --sql FROM:TO, print the SQL instead (offline: no lock, no connection)."""
+    if args.sql:
+        return _offline(args, "downgrade")
 
     def run(engine: Engine, cfg: Config) -> int:
         _report(_runner.downgrade(engine, args.revision, config=cfg))
         return EXIT_OK
 
     return _with_engine(args, run)
+
+
+def _offline(args: argparse.Namespace, direction: str) -> int:
+    """Alembic's offline mode through env.py: the SQL on stdout, nothing executed."""
+    from alembic.util import CommandError
+
+    from alembic import command
+
+    revision = args.revision
+    if direction == "downgrade" and ":" not in revision:
+        raise ConfigError(
+            f"downgrade --sql needs FROM:TO (for example r5:{revision}): offline, the "
+            "database is not read, so its current revision must be given"
+        )
+    cfg = _config(args)
+    url = args.url or _x_url(args)
+    if url:
+        cfg.set_main_option("sqlalchemy.url", str(url).replace("%", "%%"))
+    print(
+        f"offline {direction} to {revision}: printing SQL only; no lock is taken and no "
+        "connection is made",
+        file=sys.stderr,
+    )
+    try:
+        getattr(command, direction)(cfg, revision, sql=True)
+    except CommandError as exc:
+        raise ConfigError(str(exc)) from exc
+    return EXIT_OK
 
 
 def _print_status(st: _runner.Status) -> None:
@@ -324,13 +358,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         return p
 
-    add("upgrade", cmd_upgrade).add_argument(
+    p_upgrade = add("upgrade", cmd_upgrade)
+    p_upgrade.add_argument(
         "revision",
         nargs="?",
         default="heads",
-        help="the target revision (default: heads, every branch's head)",
+        help="the target revision (default: heads, every branch's head; with --sql it may be "
+        "FROM:TO)",
     )
-    add("downgrade", cmd_downgrade).add_argument("revision")
+    sql_help = "print the SQL instead of running it (offline: no lock, no connection)"
+    p_upgrade.add_argument("--sql", action="store_true", help=sql_help)
+    p_downgrade = add("downgrade", cmd_downgrade)
+    p_downgrade.add_argument(
+        "revision", help="the target revision: an id, -N, base (with --sql: FROM:TO)"
+    )
+    p_downgrade.add_argument("--sql", action="store_true", help=sql_help)
     add("status", cmd_status).add_argument("--json", action="store_true", help="JSON on stdout")
     add("check", cmd_check)
     p_wait = add("wait", cmd_wait)

@@ -302,10 +302,12 @@ def test_precedence_kwargs_env_ini_toml_default(chosen: dict[str, dict[str, Any]
         for key in VALID:
             top = next((layer for layer in LAYERS if key in chosen[layer]), None)
             if top is None:
-                if key == "allow_downgrade":
-                    assert s.allow_downgrade is (
-                        s.environment.lower() not in s.production_environments
-                    )
+                if key == "allow_downgrade":  # defaults follow the environment
+                    assert s.allow_downgrade is (not s.is_production)
+                    continue
+                if key == "mode":
+                    assert s.mode == ("check" if s.is_production else "upgrade")
+                    assert s.source(key) == f"default for environment {s.environment!r}"
                     continue
                 assert getattr(s, key) == getattr(default, key), key
                 assert s.source(key) == "default"
