@@ -4,28 +4,19 @@
 
     from alembic_autolock import ensure_migrated
     ensure_migrated(engine)   # exactly one process migrates; the others wait and go on
+
+Importing the package imports neither Alembic nor the runner: ``ensure_migrated`` answers a
+database at head without them (``_cold.py``). The other entry points are imported on first use.
 """
 
-from typing import Any
+from __future__ import annotations
 
-from ._async import (
-    downgrade_async,
-    ensure_migrated_async,
-    migration_lock_async,
-    status_async,
-    upgrade_async,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._cold import ensure_migrated
 from ._lazy import install
-from ._migration_lock import migration_lock
-from ._runner import (
-    MigrationResult,
-    PendingRevision,
-    Status,
-    downgrade,
-    ensure_migrated,
-    status,
-    upgrade,
-)
+from ._results import Holder, MigrationResult, PendingRevision, Status
 from .exceptions import (
     AutolockError,
     ConfigError,
@@ -40,10 +31,37 @@ from .exceptions import (
     PendingMigrations,
     UnversionedDatabase,
 )
-from .locks import Holder
+
+if TYPE_CHECKING:  # the names below are imported on first use (see __getattr__)
+    from ._async import (
+        downgrade_async,
+        ensure_migrated_async,
+        migration_lock_async,
+        status_async,
+        upgrade_async,
+    )
+    from ._migration_lock import migration_lock
+    from ._runner import downgrade, status, upgrade
+
+_ON_FIRST_USE = {
+    "downgrade": "._runner",
+    "status": "._runner",
+    "upgrade": "._runner",
+    "migration_lock": "._migration_lock",
+    "downgrade_async": "._async",
+    "ensure_migrated_async": "._async",
+    "migration_lock_async": "._async",
+    "status_async": "._async",
+    "upgrade_async": "._async",
+}
 
 
 def __getattr__(name: str) -> Any:
+    module = _ON_FIRST_USE.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(module, __name__), name)
+        globals()[name] = value
+        return value
     if name == "__version__":  # read from the installed metadata only when asked for
         from importlib.metadata import PackageNotFoundError, version
 

@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._config import ConfigLike
-from ._runner import MigrationResult
+from ._results import MigrationResult
 from .exceptions import ConfigError
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ async def ensure_migrated_async(
 
     .. versionadded:: 0.2
     """
-    from ._runner import ensure_migrated
+    from ._cold import ensure_migrated
 
     sync = _sync_engine(engine, "ensure_migrated_async")
     return await run_in_greenlet(

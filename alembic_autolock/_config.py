@@ -1,18 +1,25 @@
-"""Finding and loading the Alembic configuration, the way Alembic's own CLI finds it."""
+"""Finding and loading the Alembic configuration, the way Alembic's own CLI finds it.
+
+Two readers of the same files: Alembic's own ``Config`` (for running env.py), and
+:class:`LightConfig`, which reads the same ini and toml the same way with the standard library
+only, for the at-head check of a fresh process (Alembic is not imported there).
+"""
 
 from __future__ import annotations
 
 import configparser
+import functools
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
-
-from alembic.config import Config
+from typing import TYPE_CHECKING, Any, Union
 
 from .exceptions import ConfigError
 
-ConfigLike = str | os.PathLike[str] | Config | None
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+ConfigLike = Union[str, os.PathLike[str], "Config", None]
 
 
 def tool_tables(path: Path) -> dict[str, Any] | None:
@@ -50,8 +57,20 @@ def load_config(config: ConfigLike, *, environ: os._Environ[str] | dict[str, str
     else ``./pyproject.toml`` (with a ``[tool.alembic]`` table). An ini file picks up a
     ``pyproject.toml`` beside it, as the CLI does.
     """
+    from alembic.config import Config
+
     if isinstance(config, Config):
         return config
+    ini, toml = find_config(config, environ=environ)
+    if ini is None:
+        return Config(toml_file=toml)
+    return Config(ini, toml_file=toml)
+
+
+def find_config(
+    config: str | os.PathLike[str] | None, *, environ: os._Environ[str] | dict[str, str]
+) -> tuple[str | None, str | None]:
+    """(ini file, toml file) as load_config finds them; ConfigError if there is none."""
     looked: list[str] = []
     if config is None:
         env_path = environ.get("ALEMBIC_CONFIG")
@@ -71,9 +90,9 @@ def load_config(config: ConfigLike, *, environ: os._Environ[str] | dict[str, str
             if not _has_tool_table(path):
                 looked[-1] += " (no [tool.alembic] table)"
                 continue
-            return Config(toml_file=str(path))
+            return None, str(path)
         toml = path.with_name("pyproject.toml")
-        return Config(str(path), toml_file=str(toml) if _has_tool_table(toml) else None)
+        return str(path), str(toml) if _has_tool_table(toml) else None
     raise ConfigError(
         "no Alembic configuration found; looked for: "
         + ", ".join(looked)
@@ -82,7 +101,60 @@ def load_config(config: ConfigLike, *, environ: os._Environ[str] | dict[str, str
     )
 
 
-def ini_error(cfg: Config, exc: configparser.InterpolationError) -> ConfigError:
+class LightConfig:
+    """The parts of an Alembic ``Config`` the library reads (options, sections, file names),
+    read as Alembic reads them (ConfigParser with ``here``, the ini before
+    ``[tool.alembic]``), without importing Alembic."""
+
+    config_ini_section = "alembic"
+    cmd_opts = None
+
+    def __init__(self, ini: str | None, toml: str | None) -> None:
+        self.config_file_name = ini
+        self.toml_file_name = toml
+
+    @functools.cached_property
+    def file_config(self) -> configparser.ConfigParser:
+        here = Path(self.config_file_name).absolute().parent if self.config_file_name else Path()
+        parser = configparser.ConfigParser({"here": here.as_posix()})
+        if self.config_file_name:
+            parser.read([self.config_file_name], encoding="locale")
+        else:
+            parser.add_section(self.config_ini_section)
+        return parser
+
+    @functools.cached_property
+    def toml_alembic_config(self) -> dict[str, Any]:
+        if self.toml_file_name is None:
+            return {}
+        table = (tool_tables(Path(self.toml_file_name)) or {}).get("alembic", {})
+        return table if isinstance(table, dict) else {}
+
+    def get_main_option(self, name: str, default: str | None = None) -> str | None:
+        return self.file_config.get(self.config_ini_section, name, fallback=default)
+
+    def get_alembic_option(self, name: str, default: Any = None) -> Any:
+        if self.file_config.has_option(self.config_ini_section, name):
+            return self.file_config.get(self.config_ini_section, name)
+        value = self.toml_alembic_config.get(name, default)
+        if isinstance(value, str) and self.toml_file_name:  # Alembic's %(here)s in toml
+            here = Path(self.toml_file_name).absolute().parent.as_posix()
+            value = value.replace("%(here)s", here)
+        return value
+
+
+def light_config(
+    config: ConfigLike, *, environ: os._Environ[str] | dict[str, str]
+) -> LightConfig | None:
+    """The configuration as LightConfig, or None when ``config`` is an Alembic ``Config``
+    object (the caller built it; Alembic is imported already)."""
+    if config is not None and not isinstance(config, str | os.PathLike):
+        return None
+    ini, toml = find_config(config, environ=environ)
+    return LightConfig(ini, toml)
+
+
+def ini_error(cfg: Any, exc: configparser.InterpolationError) -> ConfigError:
     """A ConfigError for a value configparser cannot interpolate (a bare % in alembic.ini).
 
     configparser's own message quotes the raw value, which may be a URL with its password:
@@ -99,15 +171,16 @@ def ini_error(cfg: Config, exc: configparser.InterpolationError) -> ConfigError:
     )
 
 
-def main_option(cfg: Config, name: str) -> str | None:
+def main_option(cfg: Any, name: str) -> str | None:
     """``cfg.get_main_option(name)``, with an interpolation error turned into ConfigError."""
     try:
-        return cfg.get_main_option(name)
+        value = cfg.get_main_option(name)
     except configparser.InterpolationError as exc:
         raise ini_error(cfg, exc) from None
+    return None if value is None else str(value)
 
 
-def ini_section(cfg: Config, name: str) -> dict[str, str]:
+def ini_section(cfg: Any, name: str) -> dict[str, str]:
     """``cfg.get_section(name, {})`` as a dict, with an interpolation error turned into
     ConfigError."""
     try:
@@ -116,7 +189,7 @@ def ini_section(cfg: Config, name: str) -> dict[str, str]:
         raise ini_error(cfg, exc) from None
 
 
-def config_sections(cfg: Config) -> tuple[dict[str, Any], str | None, dict[str, Any], str | None]:
+def config_sections(cfg: Any) -> tuple[dict[str, Any], str | None, dict[str, Any], str | None]:
     """The ``[alembic_autolock]`` ini section and ``[tool.alembic_autolock]`` toml table.
 
     Returns (ini values, ini source label, toml values, toml source label).
@@ -150,7 +223,7 @@ def config_sections(cfg: Config) -> tuple[dict[str, Any], str | None, dict[str, 
     return ini, ini_label, toml, toml_label
 
 
-def script_location(cfg: Config) -> str:
+def script_location(cfg: Any) -> str:
     """The configured script location, or a ConfigError that says where to set it."""
     try:
         location = cfg.get_alembic_option("script_location")

@@ -6,7 +6,7 @@ it has not, they go to the stdlib logger ``alembic.autolock``, a child of Alembi
 (so a project's ``[logger_alembic]`` governs them, and an unconfigured app, or
 ``alembic upgrade --sql``, never gets events printed on stdout); the message is
 ``event key=value ...`` and the fields are also on the record as ``autolock_event`` and
-``autolock_fields``. URLs in fields are masked by the caller (``mask_url``, re-exported here).
+``autolock_fields``. URLs in fields are masked by the caller (``_mask.mask_url``).
 
 structlog itself is only touched if the application imported it: an application that does not
 use structlog cannot have configured it, and does not pay for importing it.
@@ -17,8 +17,6 @@ from __future__ import annotations
 import logging
 import sys
 from typing import Any
-
-from ._mask import mask_url as mask_url  # re-exported: the one masking function, see _mask.py
 
 # Under Alembic's own logger, so that a project's existing [logger_alembic] (INFO in every
 # alembic.ini Alembic generates) shows the events without a new section.
@@ -63,6 +61,13 @@ def _structlog_logger() -> Any:
     if structlog is None or not structlog.is_configured():
         return None
     return structlog.stdlib.get_logger(LOGGER_NAME)
+
+
+def wants(level: str = "info") -> bool:
+    """Whether an event of ``level`` would go anywhere (to build costly fields only then)."""
+    if _structlog_logger() is not None:
+        return True
+    return _stdlib_logger.disabled or _stdlib_logger.isEnabledFor(_LEVELS[level])
 
 
 def emit(event: str, level: str = "info", **fields: Any) -> None:

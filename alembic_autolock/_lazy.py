@@ -29,7 +29,7 @@ class _Installed:
     def __call__(self, conn: Connection) -> None:
         if self.done_in_pid == os.getpid() or _inside.get():
             return
-        from ._runner import ensure_migrated
+        from ._cold import ensure_migrated
 
         acquire(self.lock, None)  # cooperatively: under an AsyncEngine, tasks share a thread
         try:

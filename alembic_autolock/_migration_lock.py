@@ -21,8 +21,9 @@ from sqlalchemy.pool import NullPool
 
 from . import _state
 from ._config import ConfigLike, load_config
+from ._db import open_connection
 from ._mask import mask_url, parse_url
-from ._plan import check_identifiers, derive_namespace, open_connection
+from ._plan import check_identifiers, derive_namespace
 from ._run import autocommit, migration_session
 from ._runner import make_lock
 from ._settings import resolve_settings

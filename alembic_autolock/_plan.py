@@ -6,28 +6,26 @@ from __future__ import annotations
 import configparser
 import copy
 import logging
+import os
 import sys
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.script.revision import ResolutionError
 from alembic.util import CommandError
-from sqlalchemy import column, select, table
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.engine import Engine
 
+from . import _manifest as manifest
 from . import _state
-from ._config import ConfigLike, ini_error, load_config, script_location
-from ._mask import mask_text, mask_url
+from ._config import ConfigLike, LightConfig, ini_error, load_config, script_location
+from ._mask import mask_url
 from ._settings import Settings, resolve_settings
-from .exceptions import ConfigError, DatabaseUnavailable
-from .locks._session import connect_retrying, first_line
+from .exceptions import ConfigError
 from .locks.file import sqlite_path
 
 
@@ -67,8 +65,14 @@ def derive_namespace(settings: Settings, engine: Engine) -> str:
     )
 
 
-def load_scripts(cfg: Config) -> tuple[ScriptDirectory, frozenset[str]]:
+def load_scripts(
+    cfg: Config, before_load: Callable[[ScriptDirectory], object] | None = None
+) -> tuple[ScriptDirectory, frozenset[str]]:
     """The ScriptDirectory and its heads, with Alembic's errors turned into ConfigError.
+
+    The heads are those the version table holds after an upgrade to ``heads``: a head that
+    another revision ``depends_on`` is not one (Alembic's ``consider_depends_on``).
+    ``before_load(script)`` runs before the revision files are read (the manifest's digest).
 
     ``prepend_sys_path`` makes every ``ScriptDirectory.from_config`` prepend to ``sys.path``
     again; entries it adds that were already there are removed.
@@ -77,7 +81,9 @@ def load_scripts(cfg: Config) -> tuple[ScriptDirectory, frozenset[str]]:
     before = list(sys.path)
     try:
         script = ScriptDirectory.from_config(cfg)
-        heads = frozenset(script.get_heads())
+        if before_load is not None:
+            before_load(script)
+        heads = frozenset(script.get_heads(consider_depends_on=True))
     except CommandError as exc:
         raise ConfigError(f"cannot load the migration scripts at {location}: {exc}") from exc
     except configparser.InterpolationError as exc:  # its text quotes the value
@@ -113,7 +119,21 @@ def prepare(engine: Engine, config: ConfigLike, overrides: Mapping[str, Any]) ->
     cfg = load_config(config, environ=environ)
     settings = resolve_settings(overrides, cfg)
     check_identifiers(settings, engine)
-    script, heads = load_scripts(cfg)
+    recorder: manifest.Recorder | None = None
+
+    def digest_first(script: ScriptDirectory) -> None:
+        nonlocal recorder
+        if config is None or isinstance(config, str | os.PathLike):  # read from files only
+            recorder = manifest.Recorder(
+                LightConfig(cfg.config_file_name, cfg.toml_file_name),
+                settings.cache_dir,
+                [str(path) for path in script._version_locations],
+                bool(script.recursive_version_locations),
+            )
+
+    script, heads = load_scripts(cfg, digest_first)
+    if recorder is not None:
+        recorder.write(script.dir, heads)
     masked = mask_url(engine.url)
     return Plan(
         settings=settings,
@@ -150,130 +170,6 @@ def check_identifiers(settings: Settings, engine: Engine) -> None:
                 value=name,
                 source=settings.source(key),
             )
-
-
-@contextmanager
-def connect(
-    engine: Engine, masked_url: str | None = None, *, deadline: float | None = None
-) -> Iterator[Connection]:
-    """engine.connect(), with a failure to connect turned into DatabaseUnavailable.
-
-    With ``deadline`` (a ``time.monotonic()``), a server that is full ("too many clients", as
-    when a fleet starts at once) is retried with jittered backoff until then."""
-    conn = open_connection(engine, masked_url, deadline=deadline)
-    with conn:
-        yield conn
-
-
-def open_connection(
-    engine: Engine, masked_url: str | None = None, *, deadline: float | None = None
-) -> Connection:
-    """engine.connect(); a full server is retried until ``deadline``; DatabaseUnavailable."""
-    try:
-        return connect_retrying(engine, deadline)
-    except DBAPIError as exc:
-        raise unavailable(engine, exc, masked_url) from exc
-
-
-def unavailable(
-    engine: Engine,
-    exc: DBAPIError,
-    masked_url: str | None = None,
-    *,
-    while_doing: str | None = None,
-) -> DatabaseUnavailable:
-    masked = masked_url or mask_url(engine.url)
-    detail = (str(exc.orig).strip().splitlines() or [type(exc.orig).__name__])[0]
-    detail = mask_text(detail, engine.url)  # a driver may quote the password back
-    doing = f" while {while_doing}" if while_doing else ""
-    return DatabaseUnavailable(
-        f"cannot connect to {masked}{doing}: {detail}. Nothing was applied. Check that the "
-        "server is running and that the URL, user and password are right.",
-        url=masked,
-    )
-
-
-def read_heads(
-    engine: Engine,
-    settings: Settings,
-    masked_url: str | None = None,
-    *,
-    deadline: float | None = None,
-) -> tuple[str, ...]:
-    """The database's current heads, read on a fresh connection that is then closed."""
-    with connect(engine, masked_url, deadline=deadline) as conn:
-        return heads_on(conn, settings)
-
-
-def _versions(settings: Settings) -> Any:
-    return table(
-        settings.version_table, column("version_num"), schema=settings.version_table_schema
-    )
-
-
-def heads_on(conn: Connection, settings: Settings) -> tuple[str, ...]:
-    """The heads, read on ``conn``: one plain SELECT of the version table (quoted by
-    SQLAlchemy). If it fails because the table does not exist yet, there are none; only on
-    another failure does Alembic's MigrationContext look (its has_table reflection costs
-    ~10 ms on a new connection, the SELECT well under one)."""
-    versions = _versions(settings)
-    try:
-        return tuple(sorted(conn.execute(select(versions.c.version_num)).scalars()))
-    except DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise unavailable(conn.engine, exc, while_doing="reading the version table") from exc
-        conn.rollback()
-        if missing_table(exc):
-            return ()
-    try:
-        ctx = MigrationContext.configure(
-            connection=conn,
-            opts={
-                "version_table": settings.version_table,
-                "version_table_schema": settings.version_table_schema,
-            },
-        )
-        return tuple(sorted(ctx.get_current_heads()))
-    except DBAPIError as exc:
-        if exc.connection_invalidated:
-            raise unavailable(conn.engine, exc, while_doing="reading the version table") from exc
-        where = ".".join(filter(None, [settings.version_table_schema, settings.version_table]))
-        raise ConfigError(
-            f"cannot read the version table {where} of {mask_url(conn.engine.url)}: "
-            f"{mask_text(first_line(exc), conn.engine.url)}. Check that the user may read it "
-            "and that version_table / version_table_schema name it.",
-            key="version_table",
-            value=settings.version_table,
-            source=settings.source("version_table"),
-        ) from exc
-
-
-def missing_table(exc: DBAPIError) -> bool:
-    """Whether a statement failed because its table (or schema) does not exist."""
-    orig = exc.orig
-    code = getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)
-    if code is not None:
-        return code in ("42P01", "3F000")  # undefined_table, invalid_schema_name
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int):  # MySQL: no such table, unknown database
-        return args[0] in (1146, 1049)
-    return "no such table" in str(orig)  # SQLite
-
-
-def peek_heads(
-    conn: Connection | None, engine: Engine, settings: Settings
-) -> tuple[str, ...] | None:
-    """The heads for a waiter's look: on ``conn`` (an AUTOCOMMIT connection to the database)
-    or on a short connection of ``engine``; None when they cannot be read right now (no version
-    table yet, the server restarting): the waiter just keeps waiting."""
-    versions = _versions(settings)
-    try:
-        if conn is not None:
-            return tuple(sorted(conn.execute(select(versions.c.version_num)).scalars()))
-        with engine.connect() as own:
-            return tuple(sorted(own.execute(select(versions.c.version_num)).scalars()))
-    except DBAPIError:
-        return None
 
 
 def unknown_heads(script: ScriptDirectory, heads: tuple[str, ...]) -> list[str]:

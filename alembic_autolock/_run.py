@@ -29,15 +29,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import _events as events
+from ._db import heads_on, open_connection, read_heads
 from ._journal import Journal
-from ._plan import (
-    ancestors,
-    clone_config,
-    heads_on,
-    keep_loggers_enabled,
-    open_connection,
-    read_heads,
-)
+from ._plan import ancestors, clone_config, keep_loggers_enabled
 from ._settings import Settings
 from .exceptions import AutolockError, ConfigError, GateClosed, LockLost, MigrationFailed
 from .locks import MigrationLock, ProcessOnlyLock

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from alembic.script.revision import ResolutionError
@@ -19,95 +18,18 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import _events as events
 from . import _state
+from ._cold import remember as _remember
 from ._config import ConfigLike, main_option
+from ._db import heads_on, open_connection, peek_heads, read_heads
 from ._mask import mask_text, mask_url
-from ._plan import (
-    Plan,
-    heads_on,
-    open_connection,
-    peek_heads,
-    pending_steps,
-    prepare,
-    read_heads,
-    unknown_heads,
-)
+from ._plan import Plan, pending_steps, prepare, unknown_heads
+from ._results import MigrationResult, PendingRevision, Status
 from ._run import _summary, gate_downgrade, heads_now, open_journal, run_alembic
 from ._settings import Settings
 from ._wait import offload
 from .exceptions import ConfigError, DatabaseAhead, PendingMigrations
 from .locks import Holder, MigrationLock, ProcessOnlyLock, Watch, make_backend, make_fence
 from .locks._session import lock_engine_for, side_connection
-
-
-@dataclass(frozen=True)
-class MigrationResult:
-    """What one call did.
-
-    ``action`` is one of ``cached`` (answered from the in-process cache), ``current`` (already
-    at the target, nothing applied), ``upgraded``, ``downgraded``, ``created`` (an empty
-    database built from the models and stamped at head: ``empty_database = create_all``;
-    ``applied`` lists the stamped revisions), ``ahead`` (the database is at a revision these
-    scripts do not know; nothing touched) or ``skipped`` (mode = off).
-    """
-
-    action: str
-    applied: tuple[str, ...] = ()
-    heads: tuple[str, ...] = ()
-    waited_s: float = 0.0
-    elapsed_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class PendingRevision:
-    revision: str
-    message: str | None
-
-
-@dataclass(frozen=True)
-class Status:
-    """The database's migration state, the scripts' heads, and the lock."""
-
-    current_heads: tuple[str, ...]
-    script_heads: tuple[str, ...]
-    pending: tuple[PendingRevision, ...]
-    at_head: bool
-    unknown_heads: tuple[str, ...]
-    lock_backend: str
-    namespace: str
-    holders: tuple[Holder, ...] = ()
-    holders_error: str | None = None
-    database: str = ""
-    mode: str = "upgrade"
-    environment: str = "development"
-
-    @property
-    def ahead(self) -> bool:
-        return bool(self.unknown_heads)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "database": self.database,
-            "current_heads": list(self.current_heads),
-            "script_heads": list(self.script_heads),
-            "at_head": self.at_head,
-            "ahead": self.ahead,
-            "unknown_heads": list(self.unknown_heads),
-            "pending": [{"revision": p.revision, "message": p.message} for p in self.pending],
-            "lock": {
-                "backend": self.lock_backend,
-                "namespace": self.namespace,
-                "holders": [h.as_dict() for h in self.holders],
-                "error": self.holders_error,
-            },
-            "mode": self.mode,
-            "environment": self.environment,
-        }
-
-
-def _remember(plan: Plan, heads: tuple[str, ...]) -> None:
-    ttl = plan.settings.cache_ttl
-    if ttl > 0 and frozenset(heads) == plan.script_heads:
-        _state.heads[plan.cache_key] = (time.monotonic() + ttl, tuple(sorted(heads)))
 
 
 def _handle_ahead(
@@ -125,46 +47,33 @@ def _handle_ahead(
     return MigrationResult("ahead", (), heads, waited, time.perf_counter() - started)
 
 
-def ensure_migrated(
-    engine: Engine, *, config: ConfigLike = None, target_metadata: Any = None, **settings: Any
+def migrate_or_check(
+    engine: Engine,
+    *,
+    config: ConfigLike,
+    target_metadata: Any,
+    overrides: dict[str, Any],
+    memo: Any,
+    started: float,
+    looked: tuple[Connection, tuple[str, ...]] | None,
 ) -> MigrationResult:
-    """Bring the database to head if the mode allows it, else verify that it is there.
-
-    A call at head within ``cache_ttl`` of the last check is answered from memory. Otherwise
-    the database is read; if revisions are pending, the lock is taken (waiting without holding
-    a database session), the database is read again (another process may have migrated
-    meanwhile), and the pending revisions are applied on a fresh, fenced connection.
-
-    ``config`` is a path to alembic.ini or pyproject.toml, an ``alembic.config.Config``, or None
-    (``$ALEMBIC_CONFIG``, else ./alembic.ini, else ./pyproject.toml). ``target_metadata`` is
-    the models' MetaData, for ``empty_database = create_all`` when env.py does not pass one.
-    ``settings`` override any setting (see docs/configuration.md).
-    """
-    started = time.perf_counter()
-    # The prepared run (config, settings, scripts) is kept for the life of the process, keyed by
-    # the arguments; only the database's answer expires (cache_ttl).
-    try:
-        memo: Any = (
-            id(engine),
-            config,
-            id(target_metadata),
-            tuple(sorted(settings.items())) if settings else (),
-        )
-        plan = _state.plans.get(memo)
-    except TypeError:  # an unhashable setting value: no memo, everything still works
-        memo, plan = None, None
-    if plan is not None and plan.engine_ref() is engine:
-        entry = _state.heads.get(plan.cache_key) if plan.settings.cache_ttl > 0 else None
-        if entry is not None and entry[0] > time.monotonic():
-            return MigrationResult("cached", (), entry[1], 0.0, time.perf_counter() - started)
-    else:
-        plan = offload(prepare, engine, config, settings)  # file system work, off an event loop
+    """ensure_migrated beyond the cold answer (``_cold.py``): with the history loaded, check,
+    and migrate under the lock if the mode allows it. ``looked`` is the cold look's connection
+    and the heads it read, when there was one."""
+    plan = _state.plans.get(memo) if memo is not None else None
+    if not isinstance(plan, Plan) or plan.engine_ref() is not engine:
+        if looked is not None:  # do not hold a connection while the history loads
+            looked[0].close()
+            looked = None
+        plan = offload(prepare, engine, config, overrides)  # file system work, off a loop
         if memo is not None:
             if len(_state.plans) >= _state.MAX_PLANS:  # an app that makes engine after engine
                 _state.plans.clear()
             _state.plans[memo] = plan
     s = plan.settings
     if s.mode == "off":
+        if looked is not None:
+            looked[0].close()
         events.emit(events.MODE_OFF, database=plan.masked_url, environment=s.environment)
         return MigrationResult("skipped", elapsed_s=time.perf_counter() - started)
 
@@ -178,12 +87,15 @@ def ensure_migrated(
             settle=_at_head(plan),
             target_metadata=target_metadata,
         )
-    conn = open_connection(engine, plan.masked_url, deadline=time.monotonic() + s.timeout)
-    try:
-        heads = heads_on(conn, s)
-    except BaseException:
-        conn.close()
-        raise
+    if looked is not None:
+        conn, heads = looked
+    else:
+        conn = open_connection(engine, plan.masked_url, deadline=time.monotonic() + s.timeout)
+        try:
+            heads = heads_on(conn, s)
+        except BaseException:
+            conn.close()
+            raise
     if frozenset(heads) == plan.script_heads:
         conn.close()
         _remember(plan, heads)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from alembic.config import Config
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -61,6 +60,7 @@ class Settings:
     orphan_wait: float = 10.0
     empty_database: str = "upgrade"
     refresh_pool: bool = True
+    cache_dir: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -240,6 +240,7 @@ _PARSERS: dict[str, Callable[[str, object, str], Any]] = {
     "orphan_wait": _as_seconds,
     "empty_database": _empty_database,
     "refresh_pool": _as_bool,
+    "cache_dir": _optional_str,
 }
 
 KEYS = tuple(sorted(_PARSERS))
@@ -269,7 +270,7 @@ def _unknown(key: str, source: str) -> ConfigError:
 
 def resolve_settings(
     overrides: Mapping[str, Any],
-    cfg: Config | None,
+    cfg: Any,
     environ: Mapping[str, str] | None = None,
 ) -> Settings:
     """Build the Settings from keyword arguments, the environment, the config files, defaults."""

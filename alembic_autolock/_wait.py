@@ -11,6 +11,7 @@ tasks of one loop share a thread, so a blocking ``threading.Lock.acquire`` would
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import threading
 import time
@@ -73,6 +74,24 @@ def acquire(lock: threading.Lock, timeout: float | None) -> bool:
         pause(min(delay, max(0.0, remaining)))
         delay = min(delay * 2, 0.05)
     return True
+
+
+class Backoff:
+    """Jittered exponential sleeps between lock attempts, never past the deadline."""
+
+    def __init__(self, timeout: float, first: float = 0.005, cap: float = 0.2) -> None:
+        self.deadline = time.monotonic() + timeout
+        self.delay = first
+        self.cap = cap
+
+    def sleep(self) -> bool:
+        """Sleep before the next attempt; False when the deadline has passed."""
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        pause(min(remaining, self.delay * random.uniform(0.5, 1.5)))
+        self.delay = min(self.delay * 2, self.cap)
+        return True
 
 
 def task_id() -> tuple[int, int]:

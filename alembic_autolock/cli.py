@@ -24,6 +24,7 @@ from sqlalchemy.pool import NullPool
 from . import _runner
 from ._config import load_config, main_option
 from ._mask import mask_text, mask_url, parse_url
+from ._results import MigrationResult, Status
 from ._wait import run_for_engine
 from .exceptions import AutolockError, ConfigError
 
@@ -85,7 +86,7 @@ def _and_dispose(fn: Callable[[Engine, Config], int], engine: Engine, cfg: Confi
         engine.dispose()  # where the connections can be closed (an async driver's loop)
 
 
-def _report(result: _runner.MigrationResult) -> None:
+def _report(result: MigrationResult) -> None:
     heads = ", ".join(result.heads) or "no revision"
     if result.applied:
         verb = "applied" if result.action == "upgraded" else "undid"
@@ -153,7 +154,7 @@ def _offline(args: argparse.Namespace, direction: str) -> int:
     return EXIT_OK
 
 
-def _print_status(st: _runner.Status) -> None:
+def _print_status(st: Status) -> None:
     current = ", ".join(st.current_heads) or "none (empty database)"
     print(f"database:    {st.database}")
     print(f"current:     {current}{' (head)' if st.at_head else ''}")

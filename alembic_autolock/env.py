@@ -26,8 +26,9 @@ from sqlalchemy.exc import DBAPIError
 
 from . import _state
 from ._config import ini_section, main_option
+from ._db import heads_on, open_connection, peek_heads, unavailable
 from ._mask import mask_url, parse_url
-from ._plan import derive_namespace, heads_on, open_connection, peek_heads, unavailable
+from ._plan import derive_namespace
 from ._run import (
     RUN_KEY,
     RunContext,

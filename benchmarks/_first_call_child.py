@@ -92,7 +92,7 @@ def parts(out: dict[str, object], url: str, ini: str, namespace: str | None) -> 
     """The first call's stages, timed one by one (private API: the plan, then the heads)."""
     import sqlalchemy
 
-    from alembic_autolock import _plan
+    from alembic_autolock import _db, _plan
 
     clock = time.perf_counter_ns
     engine = sqlalchemy.create_engine(url)
@@ -102,7 +102,7 @@ def parts(out: dict[str, object], url: str, ini: str, namespace: str | None) -> 
     t1 = clock()
     engine.connect().close()
     t2 = clock()
-    heads = _plan.read_heads(engine, plan.settings, plan.masked_url)
+    heads = _db.read_heads(engine, plan.settings, plan.masked_url)
     t3 = clock()
     out.update(
         prepare_ns=t1 - t0,

@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -82,6 +83,9 @@ def _drop_stale_pg_databases() -> None:
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _drop_stale_pg_databases()
+    # the library's manifests of history heads go to a directory of this run, not the home
+    # cache; worker processes inherit it
+    os.environ["ALEMBIC_AUTOLOCK_CACHE_DIR"] = tempfile.mkdtemp(prefix="autolock-test-cache-")
 
 
 # --- services ------------------------------------------------------------------------------

@@ -32,9 +32,8 @@ from alembic_autolock import (
     status,
 )
 from alembic_autolock._config import config_sections, ini_section, load_config, main_option
-from alembic_autolock._events import mask_url as events_mask_url
+from alembic_autolock._db import unavailable
 from alembic_autolock._mask import is_secret_param, mask_text, mask_url, parse_url, url_secrets
-from alembic_autolock._plan import unavailable
 from alembic_autolock._settings import Settings, resolve_settings
 from alembic_autolock.cli import main
 
@@ -192,14 +191,6 @@ def test_masking_twice_changes_nothing() -> None:
     ):
         once = mask_url(url)
         assert mask_url(once) == once
-
-
-def test_events_module_re_exports_mask_url() -> None:
-    """alembic_autolock._events.mask_url is still importable and is the same function."""
-    assert events_mask_url is mask_url
-
-
-# --- free text -----------------------------------------------------------------------------
 
 
 def test_mask_text_replaces_every_form_of_a_known_secret() -> None:

@@ -28,12 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .. import _events as events
 from .. import _state
+from .._results import Holder as Holder  # re-exported: the backends import it from here
+from .._wait import Backoff as Backoff  # re-exported: the backends import it from here
 from .._wait import acquire, pause, task_id
 from ..exceptions import AutolockError, ConfigError, LockLost, LockTimeout
 
@@ -51,50 +53,6 @@ FAST_POLL = 0.2
 LOOK_EVERY = 0.5
 # A holder asks whether its lock is still held before each revision, at most this often.
 CHECK_EVERY = 0.1
-
-
-@dataclass(frozen=True)
-class Holder:
-    """Who holds (or waits for) a lock, as far as the backend can tell.
-
-    ``role`` is ``lock`` (holds the migration lock), ``wait`` (the designated waiter) or
-    ``fence`` (the migration session of a holder, which holds the fence while it migrates).
-    """
-
-    backend: str
-    waiting: bool = False
-    session: str | None = None
-    owner: str | None = None
-    client: str | None = None
-    since: datetime | None = None
-    ttl_s: float | None = None
-    since_is_last_activity: bool = False
-    session_id: int | None = None
-    owner_kind: str = "owner"
-    role: str = "lock"
-
-    def describe(self) -> str:
-        parts = [self.session] if self.session else []
-        if self.owner:
-            parts.append(f"{self.owner_kind} {self.owner!r}")
-        if self.client:
-            parts.append(f"client {self.client}")
-        if self.since is not None:
-            age = (datetime.now(UTC) - self.since).total_seconds()
-            stamp = f"{self.since.isoformat(timespec='seconds')} ({age:.1f}s ago)"
-            if self.since_is_last_activity:
-                parts.append(f"last active at {stamp}")
-            else:
-                doing = {"lock": "holding", "wait": "waiting", "fence": "migrating"}[self.role]
-                parts.append(f"{'waiting' if self.waiting else doing} since {stamp}")
-        if self.ttl_s is not None:
-            parts.append(f"expires in {self.ttl_s:.1f}s unless renewed")
-        return ", ".join(parts) or f"an unidentified {self.backend} session"
-
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["since"] = self.since.isoformat() if self.since else None
-        return data
 
 
 @dataclass(frozen=True)
@@ -207,24 +165,6 @@ def parse_owner_tag(text: str | None) -> datetime | None:
         return datetime.fromtimestamp(int(parts[4]), UTC)
     except (IndexError, ValueError):
         return None
-
-
-class Backoff:
-    """Jittered exponential sleeps between lock attempts, never past the deadline."""
-
-    def __init__(self, timeout: float, first: float = 0.005, cap: float = FAST_POLL) -> None:
-        self.deadline = time.monotonic() + timeout
-        self.delay = first
-        self.cap = cap
-
-    def sleep(self) -> bool:
-        """Sleep before the next attempt; False when the deadline has passed."""
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        pause(min(remaining, self.delay * random.uniform(0.5, 1.5)))
-        self.delay = min(self.delay * 2, self.cap)
-        return True
 
 
 def slow_pause(deadline: float, first: bool) -> None:

@@ -28,6 +28,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from .. import _state
+from .._db import SERVER_FULL_WAIT, connect_retrying, transient
 from ..exceptions import AutolockError
 from . import FAST_POLL, LOOK_EVERY, Attempt, Backoff, Holder, Watch
 
@@ -71,7 +72,7 @@ def open_side_connection(
     try:
         conn = connect_retrying(source, time.monotonic() + SERVER_FULL_WAIT)
     except DBAPIError as exc:
-        from .._plan import unavailable
+        from .._db import unavailable
 
         raise unavailable(lock_engine or engine, exc) from exc
     try:
@@ -84,30 +85,6 @@ def open_side_connection(
         close(conn)
         raise
     return conn
-
-
-# How long the library's own short connections retry a server that is full.
-SERVER_FULL_WAIT = 10.0
-
-
-def server_full(exc: DBAPIError) -> bool:
-    """ "too many clients" (PostgreSQL) or "Too many connections" (MySQL, 1040): a fleet
-    starting at once; the server has room again a moment later."""
-    text = str(exc.orig).lower()
-    code = getattr(exc.orig, "args", (None,))[:1]
-    return "too many clients" in text or "too many connections" in text or code == (1040,)
-
-
-def connect_retrying(engine: Engine, deadline: float | None) -> Connection:
-    """engine.connect(), retrying a full server with jittered backoff until ``deadline`` (a
-    ``time.monotonic()``; None: no retry). Other errors are raised at once."""
-    backoff = Backoff(0 if deadline is None else max(0.0, deadline - time.monotonic()), 0.05, 1.0)
-    while True:
-        try:
-            return engine.connect()
-        except DBAPIError as exc:
-            if not (server_full(exc) and backoff.sleep()):
-                raise
 
 
 def close(conn: Connection) -> None:
@@ -154,51 +131,6 @@ def _idle_in_pool(engine: Engine) -> bool:
         return False
 
 
-# --- connection errors that a waiter outlasts ----------------------------------------------
-
-_TRANSIENT_TEXT = (
-    "too many clients",
-    "too many connections",
-    "the database system is starting up",
-    "the database system is shutting down",
-    "the database system is in recovery mode",
-    "connection refused",
-    "could not connect",
-    "can't connect",
-    "server closed the connection",
-    "terminating connection",
-    "connection reset",
-    "lost connection",
-    "server has gone away",
-    "broken pipe",
-    "connection timed out",
-    "timeout expired",
-    "server shutdown",
-)
-_MYSQL_TRANSIENT = {1040, 1053, 1203, 2002, 2003, 2006, 2013, 2055}
-
-
-def first_line(exc: BaseException) -> str:
-    """The first line of a database error's own message (the driver's, not SQLAlchemy's)."""
-    orig = getattr(exc, "orig", None) or exc
-    return (str(orig).strip().splitlines() or [type(orig).__name__])[0]
-
-
-def transient(exc: BaseException) -> bool:
-    """Whether a database error is one a waiter outlasts (the server restarting or full, the
-    network dropping) rather than a mistake (wrong password, unknown database)."""
-    if not isinstance(exc, DBAPIError):
-        return False
-    if exc.connection_invalidated:
-        return True
-    orig = exc.orig
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int) and args[0] in _MYSQL_TRANSIENT:
-        return True
-    message = str(orig).lower()
-    return any(fragment in message for fragment in _TRANSIENT_TEXT)
-
-
 class SessionLock:
     """Base of the PostgreSQL and MySQL backends: the attempt, the designated wait, the
     release. Subclasses provide the statements."""
@@ -241,7 +173,7 @@ class SessionLock:
         raise NotImplementedError
 
     def unreachable_error(self, exc: BaseException) -> AutolockError:
-        from .._plan import unavailable
+        from .._db import unavailable
 
         engine = self._lock_engine or self.engine
         if isinstance(exc, DBAPIError):

@@ -26,8 +26,9 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from .._db import first_line
 from . import Backoff, Holder, cannot_unlock
-from ._session import DatabaseFence, SessionLock, first_line, side_connection
+from ._session import DatabaseFence, SessionLock, side_connection
 
 
 def lock_name(namespace: str) -> str:

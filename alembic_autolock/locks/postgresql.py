@@ -29,9 +29,10 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
+from .._db import first_line
 from ..exceptions import ConfigError
 from . import Backoff, Holder, cannot_unlock, owner_tag, parse_owner_tag
-from ._session import DatabaseFence, SessionLock, first_line, side_connection
+from ._session import DatabaseFence, SessionLock, side_connection
 
 
 def advisory_key(namespace: str) -> int:
@@ -211,7 +212,7 @@ class PostgresLock(SessionLock):
         before the first revision would then wait behind the migration's own transaction until
         the proxy gives up), and with PgBouncer's LIFO reuse usually.
         """
-        from .._plan import open_connection
+        from .._db import open_connection
 
         with open_connection(self.engine, deadline=time.monotonic() + 10) as probe:
             pid = probe.execute(text("SELECT pg_backend_pid()")).scalar_one()
