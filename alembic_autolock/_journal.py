@@ -189,6 +189,10 @@ class Journal:
     def finish(self, entry: int) -> None:
         self._set(entry, FINISHED)
 
+    def close_unapplied(self, entry: int, detail: str) -> None:
+        """The revision failed before any of it took effect: nothing to resolve."""
+        self._set(entry, RESOLVED_NOT_APPLIED, detail=detail[:500])
+
     def fail(self, entry: int, detail: str) -> None:
         self._set(entry, FAILED, detail=detail[:500])
 

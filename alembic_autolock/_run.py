@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,7 @@ from alembic.runtime.environment import EnvironmentContext
 from alembic.script import ScriptDirectory
 from alembic.script.revision import ResolutionError
 from alembic.util import CommandError
+from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -32,7 +34,9 @@ from . import _events as events
 from ._db import heads_on, open_connection, read_heads
 from ._journal import Journal
 from ._plan import ancestors, clone_config, keep_loggers_enabled
+from ._session_settings import lock_timed_out, migration_settings
 from ._settings import Settings
+from ._wait import pause
 from .exceptions import AutolockError, ConfigError, GateClosed, LockLost, MigrationFailed
 from .locks import MigrationLock, ProcessOnlyLock
 from .locks._session import close, open_side_connection
@@ -104,6 +108,10 @@ class Tracker:
     bootstrap: Any = None
     destination: str | tuple[str, ...] = "heads"
     bootstrapped: bool = False
+    # statements the revision in progress sent so far (the one that failed included)
+    step_statements: int = 0
+    # seconds each revision of this run took, in order
+    durations: dict[str, float] = field(default_factory=dict)
     _step_started: float = 0.0
 
     def wrap(self, fn: MigrationsFn) -> MigrationsFn:
@@ -140,19 +148,51 @@ class Tracker:
                     count=len(self.plan),
                     from_heads=list(self.started_heads),
                 )
-            for step in steps:
-                rev = step_id(step)
-                if self.lock is not None:
-                    self.lock.check(revision=rev, applied=self.done)
-                self.current = rev
-                self._step_started = time.monotonic()
-                if self.journal is not None and not self.transactional and not step.info.is_stamp:
-                    self.entry = self.journal.start(rev, self.direction)
-                yield step
-                self._finish_current()
-            # Alembic asks for the next step only after the last one's transaction closed.
+            count = self._count_statements(context.connection)
+            try:
+                for step in steps:
+                    rev = step_id(step)
+                    if self.lock is not None:
+                        self.lock.check(revision=rev, applied=self.done)
+                    self.current = rev
+                    self._step_started = time.monotonic()
+                    if (
+                        self.journal is not None
+                        and not self.transactional
+                        and not step.info.is_stamp
+                    ):
+                        self.entry = self.journal.start(rev, self.direction)
+                    self.step_statements = 0
+                    yield step
+                    self._finish_current()
+                # Alembic asks for the next step only after the last one's transaction closed.
+            finally:
+                count.close()
 
         return tracked
+
+    def _count_statements(self, conn: Connection) -> Any:
+        """Count the statements each revision sends, until the returned handle is closed."""
+
+        def counted(*_: Any) -> None:
+            self.step_statements += 1
+
+        event.listen(conn, "before_cursor_execute", counted)
+
+        class _Handle:
+            @staticmethod
+            def close() -> None:
+                with contextlib.suppress(Exception):
+                    event.remove(conn, "before_cursor_execute", counted)
+
+        return _Handle()
+
+    def nothing_of_current_stayed(self) -> bool:
+        """Whether the failure of the revision in progress left none of it applied: it ran in a
+        transaction (rolled back), or the statement that failed was its first."""
+        if self.current is None:
+            return True
+        return (self.transactional and self.entry is None) or self.step_statements <= 1
 
     def _create_all(self, context: Any) -> list[Any]:
         """An empty database: the target metadata's tables, then the heads stamped, in the
@@ -190,12 +230,14 @@ class Tracker:
     def _finish_current(self) -> None:
         if self.current is None:
             return
+        took = time.monotonic() - self._step_started
         events.emit(
             events.MIGRATION_STEP,
             revision=self.current,
             direction=self.direction,
-            duration_s=round(time.monotonic() - self._step_started, 4),
+            duration_s=round(took, 4),
         )
+        self.durations[self.current] = took
         self.done.append(self.current)
         self.current = None
         entry, self.entry = self.entry, None
@@ -331,10 +373,18 @@ def failure(
     MigrationFailed."""
     lost = tracker.lock.lost() if tracker.lock is not None else None
     failed = tracker.current
+    timed_out = lost is None and lock_timed_out(exc)
+    retriable = timed_out and tracker.nothing_of_current_stayed()
     if lost is None and tracker.entry is not None and tracker.journal is not None:
         # if this fails, the journal still says "started": the next run refuses all the same
         with contextlib.suppress(SQLAlchemyError):
-            tracker.journal.fail(tracker.entry, f"{type(exc).__name__}: {exc}".splitlines()[0])
+            if retriable:  # its first statement gave up waiting: nothing of it ran
+                tracker.journal.close_unapplied(
+                    tracker.entry, "gave up waiting for a table lock before any statement ran"
+                )
+                tracker.entry = None
+            else:
+                tracker.journal.fail(tracker.entry, f"{type(exc).__name__}: {exc}".splitlines()[0])
     after, applied, state = _truth(tracker, script, engine, settings, masked_url)
     state += _half_run(tracker, engine)
     if lost is not None and tracker.lock is not None:
@@ -362,6 +412,25 @@ def failure(
         heads=after,
         state=state,
         upgrade=tracker.is_upgrade,
+        hint=_lock_timeout_hint(settings, engine) if timed_out else "",
+        lock_timeout=timed_out,
+        retriable=retriable,
+    )
+
+
+def _lock_timeout_hint(settings: Settings, engine: Engine) -> str:
+    who = (
+        "SELECT pid, state, xact_start, query FROM pg_stat_activity WHERE pid = ANY "
+        "(pg_blocking_pids(<the migration's pid>)), or look for long transactions in "
+        "pg_stat_activity"
+        if engine.dialect.name == "postgresql"
+        else "SHOW PROCESSLIST (a long transaction that touched the table)"
+    )
+    return (
+        f"A statement waited longer than ddl_lock_timeout ({settings.ddl_lock_timeout:g}s, from "
+        f"{settings.source('ddl_lock_timeout')}) for a lock that another session holds on the "
+        f"table, and gave up rather than block the queries queued behind it. Find the session "
+        f"({who}), or run the migration when it has ended."
     )
 
 
@@ -481,6 +550,7 @@ def migration_session(
     """
     with (
         lock.fenced(conn, wait=settings.orphan_wait, owned=owned),
+        migration_settings(conn, settings, owned=owned),
         open_journal(lock, engine, settings) as journal,
     ):
         if journal is not None and script is not None:
@@ -578,6 +648,51 @@ def run_alembic(
     after = heads_now(lock, engine, settings, masked_url)
     check_persisted(tracker, after, script, settings)
     return tracker, after
+
+
+def relative_destination(destination: Any) -> bool:
+    return isinstance(destination, str) and (destination[:1] in ("+", "-") or "@" in destination)
+
+
+class DDLRetries:
+    """Trying again a revision that failed only because a statement gave up waiting for a table
+    lock (``ddl_lock_timeout``), with nothing of it left applied: up to ``ddl_retries`` times,
+    after a growing, jittered pause (the long transaction that held the lock may end)."""
+
+    BASE = 1.0
+    CAP = 8.0
+
+    def __init__(self, settings: Settings, *, relative: bool = False) -> None:
+        self.settings = settings
+        self.relative = relative
+        self.attempts = 1
+        self.applied: list[str] = []
+
+    def again(self, exc: MigrationFailed) -> bool:
+        """Whether to run again after ``exc`` (having paused); the caller raises otherwise.
+        A relative destination (``+2``) that was partly reached is not run again: it would
+        now mean further."""
+        if not exc.retriable or self.attempts > self.settings.ddl_retries:
+            return False
+        if self.relative and exc.applied:
+            return False
+        delay = min(self.CAP, self.BASE * 2 ** (self.attempts - 1)) * random.uniform(0.5, 1.0)
+        self.applied += [r for r in exc.applied if r not in self.applied]
+        events.emit(
+            events.MIGRATION_RETRY,
+            "warning",
+            revision=exc.revision,
+            attempt=self.attempts,
+            retries=self.settings.ddl_retries,
+            delay_s=round(delay, 2),
+            reason="ddl_lock_timeout",
+        )
+        pause(delay)
+        self.attempts += 1
+        return True
+
+    def final(self, exc: MigrationFailed) -> MigrationFailed:
+        return exc.tried(self.attempts) if self.attempts > 1 else exc
 
 
 def rollback_quietly(conn: Connection) -> None:

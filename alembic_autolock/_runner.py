@@ -24,10 +24,18 @@ from ._db import heads_on, open_connection, peek_heads, read_heads
 from ._mask import mask_text, mask_url
 from ._plan import Plan, pending_steps, prepare, unknown_heads
 from ._results import MigrationResult, PendingRevision, Status
-from ._run import _summary, gate_downgrade, heads_now, open_journal, run_alembic
+from ._run import (
+    DDLRetries,
+    _summary,
+    gate_downgrade,
+    heads_now,
+    open_journal,
+    relative_destination,
+    run_alembic,
+)
 from ._settings import Settings
 from ._wait import offload
-from .exceptions import ConfigError, DatabaseAhead, PendingMigrations
+from .exceptions import ConfigError, DatabaseAhead, MigrationFailed, PendingMigrations
 from .locks import Holder, MigrationLock, ProcessOnlyLock, Watch, make_backend, make_fence
 from .locks._session import lock_engine_for, side_connection
 
@@ -230,39 +238,47 @@ def _migrate(
         if settle is not None and settle(heads):
             return _done_by_other(engine, plan, heads, waited, started)
         _state.forget_heads(plan.cache_key)
-        tracker, after = run_alembic(
-            engine,
-            migration_engine=migration_engine,
-            cfg=plan.cfg,
-            script=plan.script,
-            settings=s,
-            lock=lock,
-            destination=destination,
-            upgrade=upgrade,
-            masked_url=plan.masked_url,
-            target_metadata=target_metadata,
-        )
+        retries = DDLRetries(s, relative=relative_destination(destination))
+        while True:
+            try:
+                tracker, after = run_alembic(
+                    engine,
+                    migration_engine=migration_engine,
+                    cfg=plan.cfg,
+                    script=plan.script,
+                    settings=s,
+                    lock=lock,
+                    destination=destination,
+                    upgrade=upgrade,
+                    masked_url=plan.masked_url,
+                    target_metadata=target_metadata,
+                )
+                break
+            except MigrationFailed as exc:
+                if not retries.again(exc):
+                    raise retries.final(exc) from exc.__cause__
     finally:
         lock.release()
     _remember(plan, after)
     elapsed = time.perf_counter() - started
+    applied = [*retries.applied, *(r for r in tracker.done if r not in retries.applied)]
     if tracker.bootstrapped:
         action = "created"
     else:
-        action = ("upgraded" if upgrade else "downgraded") if tracker.done else "current"
+        action = ("upgraded" if upgrade else "downgraded") if applied else "current"
     if action != "current":
         refresh_pool(engine, s, plan.masked_url)
     events.emit(
         events.MIGRATION_COMPLETED,
         database=plan.masked_url,
         action=action,
-        applied=_summary(tracker.done),
-        count=len(tracker.done),
+        applied=_summary(applied),
+        count=len(applied),
         heads=list(after),
         waited_s=round(waited, 3),
         elapsed_s=round(elapsed, 3),
     )
-    return MigrationResult(action, tuple(tracker.done), after, waited, elapsed)
+    return MigrationResult(action, tuple(applied), after, waited, elapsed)
 
 
 def _check_revision(plan: Plan, revision: str) -> None:

@@ -61,6 +61,18 @@ class Settings:
     empty_database: str = "upgrade"
     refresh_pool: bool = True
     cache_dir: str | None = None
+    # PostgreSQL schema per tenant: the version table lives there, revisions run with it first
+    # on the search path, and the lock and the cache belong to it
+    schema: str | None = None
+    # seconds a migration statement waits for a table lock before it gives up (0: as long as
+    # the database lets it); default 5 in production, 0 elsewhere
+    ddl_lock_timeout: float = 0.0
+    # how often a revision that failed only on ddl_lock_timeout is tried again
+    ddl_retries: int = 5
+    # seconds: start-up refuses a run whose revisions are known to take longer (0: no limit)
+    time_budget: float = 0.0
+    # a JSON file of revision durations (``alembic-autolock durations --json``), for time_budget
+    durations_file: str | None = None
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -199,6 +211,14 @@ def _non_empty(what: str) -> Callable[[str, object, str], str]:
     return parse
 
 
+def _count(key: str, value: object, source: str) -> int:
+    ok = isinstance(value, str | int) and not isinstance(value, bool)
+    text = str(value).strip() if ok else ""
+    if not text.isdigit():
+        raise _fail(key, value, source, "a whole number >= 0")
+    return int(text)
+
+
 def _lock_url(key: str, value: object, source: str) -> str | None:
     text = _as_str(key, value, source)
     if not text:
@@ -241,9 +261,18 @@ _PARSERS: dict[str, Callable[[str, object, str], Any]] = {
     "empty_database": _empty_database,
     "refresh_pool": _as_bool,
     "cache_dir": _optional_str,
+    "schema": _optional_str,
+    "ddl_lock_timeout": _as_seconds,
+    "ddl_retries": _count,
+    "time_budget": _as_seconds,
+    "durations_file": _optional_str,
 }
 
 KEYS = tuple(sorted(_PARSERS))
+
+# ddl_lock_timeout in a production environment: long enough for a busy table's short queries
+# to finish, short enough that the queries queued behind the waiting ALTER are not noticed.
+PRODUCTION_DDL_LOCK_TIMEOUT = 5.0
 
 # Environment variables with this prefix that are not settings keys but are still ours.
 _ENV_ALIASES = {"ALEMBIC_AUTOLOCK_ENV": "environment"}
@@ -335,4 +364,22 @@ def resolve_settings(
     if "mode" not in resolved:
         resolved["mode"] = "check" if production else "upgrade"
         sources["mode"] = f"default for environment {environment!r}"
+    if "ddl_lock_timeout" not in resolved:
+        resolved["ddl_lock_timeout"] = PRODUCTION_DDL_LOCK_TIMEOUT if production else 0.0
+        sources["ddl_lock_timeout"] = f"default for environment {environment!r}"
+    schema = resolved.get("schema")
+    if schema is not None:
+        given = resolved.get("version_table_schema")
+        if given is None:
+            resolved["version_table_schema"] = schema
+            sources["version_table_schema"] = f"the schema setting (from {sources['schema']})"
+        elif given != schema:
+            raise ConfigError(
+                f"schema {schema!r} (from {sources['schema']}) and version_table_schema "
+                f"{given!r} (from {sources['version_table_schema']}) differ: a tenant schema "
+                "keeps its own version table, so set only schema",
+                key="version_table_schema",
+                value=given,
+                source=sources["version_table_schema"],
+            )
     return Settings(**resolved, sources=sources)

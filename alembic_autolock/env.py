@@ -31,6 +31,7 @@ from ._mask import mask_url, parse_url
 from ._plan import derive_namespace
 from ._run import (
     RUN_KEY,
+    DDLRetries,
     RunContext,
     Tracker,
     autocommit,
@@ -38,12 +39,13 @@ from ._run import (
     gate_downgrade,
     migration_session,
     plan_bootstrap,
+    relative_destination,
     rollback_quietly,
     truthful_lost,
 )
 from ._settings import Settings, resolve_settings
 from ._wait import run_for_engine
-from .exceptions import AutolockError, ConfigError, LockLost
+from .exceptions import AutolockError, ConfigError, LockLost, MigrationFailed
 from .locks import MigrationLock, Watch
 
 __all__ = ["run_migrations"]
@@ -255,9 +257,11 @@ def _run_locked(
     options: dict[str, Any],
     setup: ConnectionSetup | None,
 ) -> None:
-    """Holding the lock: the migration connection, its fence, the journal, then Alembic."""
-    tracker = Tracker(settings=settings, lock=lock)
+    """Holding the lock: the migration connection, its fence, the journal, then Alembic (run
+    again while a revision fails only on ddl_lock_timeout, up to ddl_retries times)."""
     masked = mask_url(migration_engine.url)
+    destination = env.context_opts.get("destination_rev")
+    retries = DDLRetries(settings, relative=relative_destination(destination))
     with _connection(migration_engine, given) as conn:
         if given is None and autocommit(conn):  # migrations run in transactions
             conn.execution_options(isolation_level=conn.default_isolation_level)
@@ -269,29 +273,32 @@ def _run_locked(
             script=env.script,
             owned=given is None,
         ) as journal:
-            tracker.journal = journal
             _setup(conn, setup)
-            plan_bootstrap(
-                conn,
-                settings,
-                options.get("target_metadata"),
-                tracker,
-                env.context_opts.get("destination_rev"),
-            )
-            context.configure(connection=conn, fn=tracker.wrap(env.context_opts["fn"]), **options)
-            try:
-                with context.begin_transaction():
-                    context.run_migrations()
-            except LockLost as exc:
-                rollback_quietly(conn)
-                raise truthful_lost(
-                    exc, tracker, migration_engine, settings, env.script, masked
-                ) from exc
-            except AutolockError:
-                raise
-            except Exception as exc:
-                rollback_quietly(conn)
-                raise failure(exc, tracker, migration_engine, settings, env.script, masked) from exc
+            while True:
+                tracker = Tracker(settings=settings, lock=lock, journal=journal)
+                plan_bootstrap(conn, settings, options.get("target_metadata"), tracker, destination)
+                context.configure(
+                    connection=conn, fn=tracker.wrap(env.context_opts["fn"]), **options
+                )
+                try:
+                    with context.begin_transaction():
+                        context.run_migrations()
+                    return
+                except LockLost as exc:
+                    rollback_quietly(conn)
+                    raise truthful_lost(
+                        exc, tracker, migration_engine, settings, env.script, masked
+                    ) from exc
+                except AutolockError:
+                    raise
+                except Exception as exc:
+                    rollback_quietly(conn)
+                    error = failure(exc, tracker, migration_engine, settings, env.script, masked)
+                    if isinstance(error, MigrationFailed):
+                        if retries.again(error):
+                            continue
+                        error = retries.final(error)
+                    raise error from exc
 
 
 def _heads_in_transaction(conn: Connection, settings: Settings) -> tuple[str, ...]:

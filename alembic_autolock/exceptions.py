@@ -156,6 +156,11 @@ class MigrationFailed(AutolockError):
     ``applied`` the revisions this run applied before it, ``heads`` the database heads read after
     the failure and ``state`` a sentence describing them. The original exception is ``cause``
     (and ``__cause__``).
+
+    ``lock_timeout`` is True when the revision failed only because a statement gave up waiting
+    for a table lock (``ddl_lock_timeout``); ``retriable`` when, besides, nothing of it stayed
+    applied (it ran in a transaction, or the statement that waited was its first), so running
+    it again is safe; ``attempts`` how often it was tried (``ddl_retries``).
     """
 
     def __init__(
@@ -169,8 +174,15 @@ class MigrationFailed(AutolockError):
         hint: str = "",
         upgrade: bool = True,
         summary: str | None = None,
+        lock_timeout: bool = False,
+        retriable: bool = False,
+        attempts: int = 1,
     ) -> None:
         self.revision = revision
+        self.lock_timeout = lock_timeout
+        self.retriable = retriable
+        self.attempts = attempts
+        self._kwargs = {"hint": hint, "upgrade": upgrade, "summary": summary}
         self.applied = tuple(applied)
         self.cause = cause
         self.heads = tuple(heads) if heads is not None else None
@@ -191,9 +203,27 @@ class MigrationFailed(AutolockError):
             f"{' before it' if revision is not None else ''}: {done}. "
             f"State left behind: {state}."
         )
+        if attempts > 1:
+            message += f" (it was tried {attempts} times)"
         if hint:
             message += " " + hint
         super().__init__(message)
+
+    def tried(self, attempts: int) -> MigrationFailed:
+        """This failure, as the last of ``attempts`` tries."""
+        again = MigrationFailed(
+            revision=self.revision,
+            applied=self.applied,
+            cause=self.cause,
+            heads=self.heads,
+            state=self.state,
+            lock_timeout=self.lock_timeout,
+            retriable=self.retriable,
+            attempts=attempts,
+            **self._kwargs,  # type: ignore[arg-type]
+        )
+        again.__cause__ = self.__cause__
+        return again
 
 
 class MigrationInterrupted(AutolockError):
