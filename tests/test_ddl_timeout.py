@@ -139,7 +139,8 @@ def _scenario(url: str, tmp_path: Path, **settings: Any) -> tuple[int, int, dict
                 app.execute(text("SELECT count(*) FROM orders")).scalar()
                 ran += 1
             except OperationalError as exc:
-                other = None if lock_timed_out(exc) else exc
+                if not lock_timed_out(exc):
+                    other = exc
                 gave_up += 1
             app.rollback()
             time.sleep(0.1)
