@@ -29,6 +29,7 @@ from .exceptions import (
     MigrationFailed,
     MigrationInterrupted,
     PendingMigrations,
+    TimeBudgetExceeded,
     UnversionedDatabase,
 )
 
@@ -41,10 +42,11 @@ if TYPE_CHECKING:  # the names below are imported on first use (see __getattr__)
         upgrade_async,
     )
     from ._migration_lock import migration_lock
-    from ._runner import downgrade, status, upgrade
+    from ._runner import downgrade, durations, status, upgrade
 
 _ON_FIRST_USE = {
     "downgrade": "._runner",
+    "durations": "._runner",
     "status": "._runner",
     "upgrade": "._runner",
     "migration_lock": "._migration_lock",
@@ -88,10 +90,12 @@ __all__ = [
     "PendingMigrations",
     "PendingRevision",
     "Status",
+    "TimeBudgetExceeded",
     "UnversionedDatabase",
     "__version__",
     "downgrade",
     "downgrade_async",
+    "durations",
     "ensure_migrated",
     "ensure_migrated_async",
     "install",

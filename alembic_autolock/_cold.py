@@ -29,7 +29,7 @@ from . import _manifest as manifest
 from . import _state
 from ._config import ConfigLike, light_config
 from ._db import heads_on, open_connection
-from ._results import MigrationResult
+from ._results import MigrationResult, PendingRevision
 from ._settings import Settings, resolve_settings
 
 
@@ -40,10 +40,16 @@ class ColdPlan:
     process_local = False
 
     def __init__(
-        self, engine: Engine, settings: Settings, script_dir: str, heads: frozenset[str]
+        self,
+        engine: Engine,
+        settings: Settings,
+        script_dir: str,
+        heads: frozenset[str],
+        settled: manifest.Settled,
     ) -> None:
         self.settings = settings
         self.script_heads = heads
+        self.settled = settled
         self.engine_ref = weakref.ref(engine)
         self.cache_key = (
             _state.engine_token(engine),
@@ -60,11 +66,30 @@ class ColdPlan:
         return mask_url(self._url)
 
 
-def remember(plan: Any, heads: tuple[str, ...]) -> None:
-    """Trust "at these heads" for ``cache_ttl`` seconds (only when they are the scripts')."""
+def remember(
+    plan: Any, heads: tuple[str, ...], pending: tuple[PendingRevision, ...] | None = None
+) -> None:
+    """Trust "at these heads" for ``cache_ttl`` seconds: when they are the scripts', or when
+    start-up has nothing to apply there and ``pending`` waits for a job."""
     ttl = plan.settings.cache_ttl
-    if ttl > 0 and frozenset(heads) == plan.script_heads:
-        _state.heads[plan.cache_key] = (time.monotonic() + ttl, tuple(sorted(heads)))
+    if ttl > 0 and (pending is not None or frozenset(heads) == plan.script_heads):
+        _state.heads[plan.cache_key] = (
+            time.monotonic() + ttl,
+            tuple(sorted(heads)),
+            pending or (),
+        )
+
+
+def emit_held_back(masked_url: str, held: tuple[PendingRevision, ...], command: str | None) -> None:
+    """Start-up left revisions for a job: say so, every time (a warning: someone must run
+    it)."""
+    events.emit(
+        events.MANUAL_PENDING,
+        "warning",
+        database=masked_url,
+        pending=[p.revision for p in held],
+        command=command or "alembic-autolock upgrade",
+    )
 
 
 def cold_plan(engine: Engine, config: ConfigLike, overrides: Mapping[str, Any]) -> Any:
@@ -133,7 +158,9 @@ def ensure_migrated(
         if plan.settings.cache_ttl > 0:
             entry = _state.heads.get(plan.cache_key)
             if entry is not None and entry[0] > time.monotonic():
-                return MigrationResult("cached", (), entry[1], 0.0, time.perf_counter() - started)
+                return MigrationResult(
+                    "cached", (), entry[1], 0.0, time.perf_counter() - started, entry[2]
+                )
     elif plan is None or isinstance(plan, _Off):
         plan = cold_plan(engine, config, settings)
         if plan is not None and memo is not None and not isinstance(plan, _Off):
@@ -152,12 +179,16 @@ def ensure_migrated(
         except BaseException:
             conn.close()
             raise
-        if frozenset(heads) == plan.script_heads:
+        found = frozenset(heads)
+        if found == plan.script_heads or found in plan.settled:
             conn.close()
-            remember(plan, heads)
+            held = tuple(PendingRevision(rev, msg) for rev, msg in plan.settled.get(found, ()))
+            remember(plan, heads, held if held else None)
             if events.wants("info"):
                 events.emit(events.CHECK_CURRENT, database=plan.masked_url, heads=list(heads))
-            return MigrationResult("current", (), heads, 0.0, time.perf_counter() - started)
+            if held:
+                emit_held_back(plan.masked_url, held, None)
+            return MigrationResult("current", (), heads, 0.0, time.perf_counter() - started, held)
         looked = (conn, heads)  # the runner goes on with this connection and this answer
     from ._runner import migrate_or_check
 

@@ -32,12 +32,14 @@ from typing import Any
 from sqlalchemy import (
     Column,
     DateTime,
+    Float,
     Integer,
     MetaData,
     String,
     Table,
     and_,
     desc,
+    func,
     insert,
     select,
     update,
@@ -51,6 +53,8 @@ from .exceptions import MigrationInterrupted
 TABLE = "alembic_autolock_journal"
 
 STARTED, FINISHED, FAILED = "started", "finished", "failed"
+# a row that only records how long a revision took, written after its run committed
+TIMED = "timed"
 RESOLVED_APPLIED, RESOLVED_NOT_APPLIED = "resolved-applied", "resolved-not-applied"
 OPEN = (STARTED, FAILED)
 
@@ -68,6 +72,7 @@ def journal_table(schema: str | None) -> Table:
         Column("started_at", DateTime(), nullable=False),
         Column("finished_at", DateTime(), nullable=True),
         Column("detail", String(500), nullable=True),
+        Column("duration_s", Float(), nullable=True),
     )
 
 
@@ -185,6 +190,53 @@ class Journal:
         )
         key = result.inserted_primary_key
         return int(key[0]) if key else 0
+
+    def record_durations(self, durations: dict[str, float], direction: str) -> None:
+        """How long each revision of a committed run took (for ``time_budget``)."""
+        if not durations:
+            return
+        conn = self.connection()
+        if not self._created:
+            self.table.create(conn, checkfirst=True)
+            self._created = True
+        now, holder = _now(), holder_id()
+        conn.execute(
+            insert(self.table),
+            [
+                {
+                    "lock_key": self.key,
+                    "revision": revision,
+                    "direction": direction,
+                    "state": TIMED,
+                    "holder": holder,
+                    "started_at": now,
+                    "finished_at": now,
+                    "duration_s": round(seconds, 4),
+                }
+                for revision, seconds in durations.items()
+            ],
+        )
+
+    def durations(self) -> dict[str, float]:
+        """The longest recorded upgrade duration of each revision, in this namespace."""
+        t = self.table
+        query = (
+            select(t.c.revision, func.max(t.c.duration_s))
+            .where(
+                and_(
+                    t.c.lock_key == self.key,
+                    t.c.direction == "upgrade",
+                    t.c.duration_s.is_not(None),
+                )
+            )
+            .group_by(t.c.revision)
+        )
+        conn = self.connection()
+        try:
+            return {rev: float(seconds) for rev, seconds in conn.execute(query)}
+        except DBAPIError:  # no journal table yet: nothing recorded
+            _end_failed_statement(conn)
+            return {}
 
     def finish(self, entry: int) -> None:
         self._set(entry, FINISHED)

@@ -110,8 +110,13 @@ def _path(directory: Path, sig: str) -> Path:
     return directory / f"heads-{name}.json"
 
 
-def lookup(cfg: Any, setting: str | None) -> tuple[str, frozenset[str]] | None:
-    """(script directory, heads) from a manifest that still matches the files, or None."""
+Settled = dict[frozenset[str], tuple[tuple[str, str | None], ...]]
+
+
+def lookup(cfg: Any, setting: str | None) -> tuple[str, frozenset[str], Settled] | None:
+    """(script directory, heads, settled) from a manifest that still matches the files, or
+    None. ``settled`` maps database heads at which start-up has nothing to apply, though
+    revisions kept for a job (``autolock_manual``) are pending, to those revisions."""
     directory = cache_dir(setting)
     sig = signature(cfg)
     if directory is None or sig is None:
@@ -123,9 +128,16 @@ def lookup(cfg: Any, setting: str | None) -> tuple[str, frozenset[str]] | None:
             return None
         if digest(data["dirs"], data["recursive"]) != data["digest"]:
             return None
-        return str(data["script_dir"]), frozenset(data["heads"])
+        return str(data["script_dir"]), frozenset(data["heads"]), _settled(data)
     except (OSError, ValueError, KeyError, TypeError):  # missing, truncated, foreign: rebuild
         return None
+
+
+def _settled(data: dict[str, Any]) -> Settled:
+    return {
+        frozenset(item["heads"]): tuple((rev, msg) for rev, msg in item["pending"])
+        for item in data.get("settled", [])
+    }
 
 
 class Recorder:
@@ -142,11 +154,11 @@ class Recorder:
     def enabled(self) -> bool:
         return self.directory is not None and self.sig is not None
 
+    MAX_SETTLED = 16
+
     def write(self, script_dir: str, heads: frozenset[str]) -> None:
         """Best effort: a cache that cannot be written only costs the next process a load."""
-        if not self.enabled or self.directory is None or self.sig is None:
-            return
-        data = {
+        self._data = {
             "format": FORMAT,
             "signature": self.sig,
             "script_dir": script_dir,
@@ -154,7 +166,26 @@ class Recorder:
             "recursive": self.recursive,
             "digest": self.digest,
             "heads": sorted(heads),
+            "settled": [],
         }
+        self._save()
+
+    def settle(self, heads: tuple[str, ...], pending: list[tuple[str, str | None]]) -> None:
+        """Add: at database ``heads`` start-up has nothing to apply; ``pending`` waits for a
+        job. (A fact about the files the digest describes, whatever the database.)"""
+        data = getattr(self, "_data", None)
+        if data is None:
+            return
+        entry = {"heads": sorted(heads), "pending": [[rev, msg] for rev, msg in pending]}
+        if entry in data["settled"]:
+            return
+        data["settled"] = [*data["settled"], entry][-self.MAX_SETTLED :]
+        self._save()
+
+    def _save(self) -> None:
+        if not self.enabled or self.directory is None or self.sig is None:
+            return
+        data = self._data
         target = _path(self.directory, self.sig)
         with contextlib.suppress(OSError):
             self.directory.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from . import _state
 from ._config import ConfigLike, LightConfig, ini_error, load_config, script_location
 from ._mask import mask_url
 from ._settings import Settings, resolve_settings
+from ._startup import manual_revisions
 from .exceptions import ConfigError
 from .locks.file import sqlite_path
 
@@ -45,6 +46,10 @@ class Plan:
     # an in-memory SQLite database: one connection that threads take turns on, so even the
     # first look happens under the (process-local) lock
     process_local: bool = False
+    # revisions marked autolock_manual = True: start-up leaves them (and what follows) alone
+    manual: frozenset[str] = frozenset()
+    # writes what the manifest learns after the load (None: no manifest for this config)
+    recorder: Any = None
 
 
 def derive_namespace(settings: Settings, engine: Engine) -> str:
@@ -150,6 +155,8 @@ def prepare(engine: Engine, config: ConfigLike, overrides: Mapping[str, Any]) ->
         masked_url=masked,
         engine_ref=weakref.ref(engine),
         process_local=engine.dialect.name == "sqlite" and sqlite_path(engine.url) is None,
+        manual=manual_revisions(script),
+        recorder=recorder,
     )
 
 

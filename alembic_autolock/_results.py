@@ -53,6 +53,12 @@ class Holder:
 
 
 @dataclass(frozen=True)
+class PendingRevision:
+    revision: str
+    message: str | None
+
+
+@dataclass(frozen=True)
 class MigrationResult:
     """What one call did.
 
@@ -61,6 +67,9 @@ class MigrationResult:
     database built from the models and stamped at head: ``empty_database = create_all``;
     ``applied`` lists the stamped revisions), ``ahead`` (the database is at a revision these
     scripts do not know; nothing touched) or ``skipped`` (mode = off).
+
+    ``pending`` lists what start-up left for an operator's job: revisions marked
+    ``autolock_manual = True`` and those that come after them (``command`` applies them).
     """
 
     action: str
@@ -68,12 +77,8 @@ class MigrationResult:
     heads: tuple[str, ...] = ()
     waited_s: float = 0.0
     elapsed_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class PendingRevision:
-    revision: str
-    message: str | None
+    pending: tuple[PendingRevision, ...] = ()
+    command: str | None = None
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ class Tracker:
     # seconds each revision of this run took, in order
     durations: dict[str, float] = field(default_factory=dict)
     _step_started: float = 0.0
+    _stamp: bool = False
 
     def wrap(self, fn: MigrationsFn) -> MigrationsFn:
         def tracked(heads: Any, context: Any) -> Iterator[Any]:
@@ -163,6 +164,7 @@ class Tracker:
                     ):
                         self.entry = self.journal.start(rev, self.direction)
                     self.step_statements = 0
+                    self._stamp = bool(step.info.is_stamp)
                     yield step
                     self._finish_current()
                 # Alembic asks for the next step only after the last one's transaction closed.
@@ -237,7 +239,8 @@ class Tracker:
             direction=self.direction,
             duration_s=round(took, 4),
         )
-        self.durations[self.current] = took
+        if not self._stamp:
+            self.durations[self.current] = took
         self.done.append(self.current)
         self.current = None
         entry, self.entry = self.entry, None
@@ -591,10 +594,10 @@ def run_alembic(
     def migrations(heads: Any, context: Any) -> list[Any]:
         if stamp:
             return list(script._stamp_revs(destination, heads))  # what command.stamp does
-        target = destination if isinstance(destination, str) else " ".join(destination)
-        if upgrade:
-            steps = script._upgrade_revs(target, heads)  # what command.upgrade does
+        if upgrade:  # several destinations: start-up stopping short of a manual revision
+            steps = script._upgrade_revs(destination, heads)  # type: ignore[arg-type]
         else:
+            target = destination if isinstance(destination, str) else " ".join(destination)
             steps = script._downgrade_revs(target, heads)  # what command.downgrade does
         return list(steps)
 
@@ -640,6 +643,7 @@ def run_alembic(
             except Exception as exc:
                 rollback_quietly(conn)  # end the failed transaction before reading the state
                 raise failure(exc, tracker, engine, settings, script, masked_url) from exc
+            record_durations(journal, tracker)
     finally:
         if migration_engine.dialect.name == "sqlite":
             conn.close()  # an in-memory database lives as long as its one connection
@@ -693,6 +697,14 @@ class DDLRetries:
 
     def final(self, exc: MigrationFailed) -> MigrationFailed:
         return exc.tried(self.attempts) if self.attempts > 1 else exc
+
+
+def record_durations(journal: Journal | None, tracker: Tracker) -> None:
+    """Keep how long each revision of a committed run took, for ``time_budget`` (best effort:
+    a run that succeeded is not failed by its bookkeeping)."""
+    if journal is not None and tracker.durations:
+        with contextlib.suppress(SQLAlchemyError):
+            journal.record_durations(tracker.durations, tracker.direction)
 
 
 def rollback_quietly(conn: Connection) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from . import _events as events
 from . import _state
+from ._cold import emit_held_back
 from ._cold import remember as _remember
 from ._config import ConfigLike, main_option
 from ._db import heads_on, open_connection, peek_heads, read_heads
@@ -34,8 +35,15 @@ from ._run import (
     run_alembic,
 )
 from ._settings import Settings
+from ._startup import StartupPlan, known_durations, read_durations_file, startup_plan
 from ._wait import offload
-from .exceptions import ConfigError, DatabaseAhead, MigrationFailed, PendingMigrations
+from .exceptions import (
+    ConfigError,
+    DatabaseAhead,
+    MigrationFailed,
+    PendingMigrations,
+    TimeBudgetExceeded,
+)
 from .locks import Holder, MigrationLock, ProcessOnlyLock, Watch, make_backend, make_fence
 from .locks._session import lock_engine_for, side_connection
 
@@ -92,8 +100,9 @@ def migrate_or_check(
             "heads",
             upgrade=True,
             started=started,
-            settle=_at_head(plan),
+            settle=_startup_settled(plan),
             target_metadata=target_metadata,
+            startup=True,
         )
     if looked is not None:
         conn, heads = looked
@@ -113,18 +122,22 @@ def migrate_or_check(
     if unknown:
         conn.close()
         return _handle_ahead(plan, heads, unknown, started)
-    pending = pending_steps(plan.script, heads)
+    startup = startup_plan(plan.script, heads, plan.manual)
+    if startup.destination is None:  # only revisions kept for a job are pending
+        conn.close()
+        return _held_back(plan, heads, startup, started)
+    by_rev = dict(pending_steps(plan.script, heads))
     events.emit(
         events.CHECK_PENDING,
         database=plan.masked_url,
         heads=list(heads),
-        pending=[rev for rev, _ in pending],
+        pending=list(startup.applies),
         mode=s.mode,
     )
     if s.mode == "check":
         conn.close()
         raise PendingMigrations(
-            pending=pending,
+            pending=[(rev, by_rev.get(rev)) for rev in startup.applies],
             heads=heads,
             command=_upgrade_command(plan),
             mode_source=s.source("mode"),
@@ -136,10 +149,44 @@ def migrate_or_check(
         "heads",
         upgrade=True,
         started=started,
-        settle=_at_head(plan),
+        settle=_startup_settled(plan),
         first=conn,
         target_metadata=target_metadata,
+        startup=True,
     )
+
+
+def _held_back(
+    plan: Plan,
+    heads: tuple[str, ...],
+    startup: StartupPlan,
+    started: float,
+    waited: float = 0.0,
+    action: str = "current",
+) -> MigrationResult:
+    """Start-up found nothing it may apply: what is pending waits for a job."""
+    command = _upgrade_command(plan)
+    _remember(plan, heads, startup.held_back)
+    if plan.recorder is not None:
+        plan.recorder.settle(heads, [(p.revision, p.message) for p in startup.held_back])
+    emit_held_back(plan.masked_url, startup.held_back, command)
+    return MigrationResult(
+        action, (), heads, waited, time.perf_counter() - started, startup.held_back, command
+    )
+
+
+def _startup_settled(plan: Plan) -> Callable[[tuple[str, ...]], bool]:
+    """The waiter's test at start-up: another process applied everything start-up may apply
+    (what is left, if anything, waits for a job), or went beyond these scripts."""
+    if not plan.manual:
+        return _at_head(plan)
+
+    def settled(heads: tuple[str, ...]) -> bool:
+        if frozenset(heads) == plan.script_heads or unknown_heads(plan.script, heads):
+            return True
+        return startup_plan(plan.script, heads, plan.manual).destination is None
+
+    return settled
 
 
 def _at_head(plan: Plan) -> Callable[[tuple[str, ...]], bool]:
@@ -195,6 +242,10 @@ def _done_by_other(
         waited_s=round(waited, 3),
     )
     refresh_pool(engine, plan.settings, plan.masked_url)  # another process changed the schema
+    if plan.manual and frozenset(heads) != plan.script_heads:
+        return _held_back(
+            plan, heads, startup_plan(plan.script, heads, plan.manual), started, waited
+        )
     _remember(plan, heads)
     return MigrationResult("current", (), heads, waited, time.perf_counter() - started)
 
@@ -225,8 +276,13 @@ def _migrate(
     settle: Callable[[tuple[str, ...]], bool] | None,
     first: Connection | None = None,
     target_metadata: Any = None,
+    startup: bool = False,
 ) -> MigrationResult:
+    """Take the lock, look again, run Alembic to ``destination``. At ``startup``, the
+    destination is what start-up may apply from the heads found under the lock (revisions kept
+    for a job stay pending), within ``time_budget``."""
     s = plan.settings
+    held: tuple[PendingRevision, ...] = ()
     lock, migration_engine = make_lock(engine, s, plan.namespace)
     watch = _watch(engine, plan, settle) if settle is not None else None
     acquired = lock.acquire(watch, first=first)
@@ -237,6 +293,14 @@ def _migrate(
         heads = _second_look(lock, engine, plan)
         if settle is not None and settle(heads):
             return _done_by_other(engine, plan, heads, waited, started)
+        target: str | tuple[str, ...] = destination
+        if startup and plan.manual:
+            chosen = startup_plan(plan.script, heads, plan.manual)
+            if chosen.destination is None:
+                return _held_back(plan, heads, chosen, started, waited)
+            target, held = chosen.destination, chosen.held_back
+        if startup and s.time_budget > 0:
+            _within_budget(lock, migration_engine, plan, heads, target)
         _state.forget_heads(plan.cache_key)
         retries = DDLRetries(s, relative=relative_destination(destination))
         while True:
@@ -248,7 +312,7 @@ def _migrate(
                     script=plan.script,
                     settings=s,
                     lock=lock,
-                    destination=destination,
+                    destination=target,
                     upgrade=upgrade,
                     masked_url=plan.masked_url,
                     target_metadata=target_metadata,
@@ -259,7 +323,7 @@ def _migrate(
                     raise retries.final(exc) from exc.__cause__
     finally:
         lock.release()
-    _remember(plan, after)
+    _remember(plan, after, held or None)
     elapsed = time.perf_counter() - started
     applied = [*retries.applied, *(r for r in tracker.done if r not in retries.applied)]
     if tracker.bootstrapped:
@@ -278,7 +342,53 @@ def _migrate(
         waited_s=round(waited, 3),
         elapsed_s=round(elapsed, 3),
     )
-    return MigrationResult(action, tuple(applied), after, waited, elapsed)
+    command = None
+    if held:
+        command = _upgrade_command(plan)
+        if plan.recorder is not None:
+            plan.recorder.settle(after, [(p.revision, p.message) for p in held])
+        emit_held_back(plan.masked_url, held, command)
+    return MigrationResult(action, tuple(applied), after, waited, elapsed, held, command)
+
+
+def _within_budget(
+    lock: MigrationLock,
+    migration_engine: Engine,
+    plan: Plan,
+    heads: tuple[str, ...],
+    target: str | tuple[str, ...],
+) -> None:
+    """Refuse to begin a start-up run whose revisions are known to take longer than
+    ``time_budget`` (durations from this database's journal and ``durations_file``)."""
+    s = plan.settings
+    steps = plan.script._upgrade_revs(target, heads)  # type: ignore[arg-type]
+    revisions = tuple(step.revision.revision for step in steps)
+    sources: list[dict[str, float]] = []
+    with open_journal(lock, migration_engine, s) as journal:
+        if journal is not None:
+            sources.append(journal.durations())
+    if s.durations_file:
+        sources.append(read_durations_file(s.durations_file))
+    known = known_durations(revisions, *sources)
+    if sum(known.values()) <= s.time_budget:
+        return
+    error = TimeBudgetExceeded(
+        revisions=revisions,
+        known=known,
+        budget=s.time_budget,
+        budget_source=s.source("time_budget"),
+        environment=s.environment,
+        command=_upgrade_command(plan),
+    )
+    events.emit(
+        events.OVER_BUDGET,
+        "warning",
+        database=plan.masked_url,
+        revisions=_summary(list(revisions)),
+        known_s=round(error.total_s, 3),
+        time_budget=s.time_budget,
+    )
+    raise error
 
 
 def _check_revision(plan: Plan, revision: str) -> None:
@@ -509,3 +619,13 @@ def _state_after(script: Any, revision: str, direction: str) -> str | tuple[str,
     if not down:
         return "base"
     return down if isinstance(down, str) else tuple(down)
+
+
+def durations(engine: Engine, *, config: ConfigLike = None, **settings: Any) -> dict[str, float]:
+    """How long each revision took when it was applied to this database (the longest recorded
+    upgrade), from the library's journal: what ``durations_file`` carries to another database
+    for ``time_budget``."""
+    plan = prepare(engine, config, settings)
+    lock, migration_engine = make_lock(engine, plan.settings, plan.namespace)
+    with open_journal(lock, migration_engine, plan.settings) as journal:
+        return journal.durations() if journal is not None else {}

@@ -25,7 +25,8 @@ from typing import Any
 
 MAX_PLANS = 256
 plans: dict[Any, Any] = {}
-heads: dict[Any, tuple[float, tuple[str, ...]]] = {}
+# expiry, heads, and what start-up left pending there for a job
+heads: dict[Any, tuple[float, tuple[str, ...], tuple[Any, ...]]] = {}
 process_locks: dict[str, threading.Lock] = {}
 process_lock_owners: dict[str, tuple[tuple[int, int], str]] = {}
 lock_engines: dict[str, Any] = {}

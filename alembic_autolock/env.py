@@ -39,6 +39,7 @@ from ._run import (
     gate_downgrade,
     migration_session,
     plan_bootstrap,
+    record_durations,
     relative_destination,
     rollback_quietly,
     truthful_lost,
@@ -283,6 +284,7 @@ def _run_locked(
                 try:
                     with context.begin_transaction():
                         context.run_migrations()
+                    record_durations(journal, tracker)
                     return
                 except LockLost as exc:
                     rollback_quietly(conn)

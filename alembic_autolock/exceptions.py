@@ -299,6 +299,39 @@ class GateClosed(AutolockError):
         self.setting = setting
 
 
+class TimeBudgetExceeded(GateClosed):
+    """Start-up refused to begin a run whose revisions are known to take longer than
+    ``time_budget``. ``known`` maps each revision with a recorded duration to the longest one
+    (seconds); ``total_s`` is their sum; ``command`` runs them outside start-up."""
+
+    def __init__(
+        self,
+        *,
+        revisions: Sequence[str],
+        known: dict[str, float],
+        budget: float,
+        budget_source: str,
+        environment: str,
+        command: str,
+    ) -> None:
+        self.revisions = tuple(revisions)
+        self.known = dict(known)
+        self.total_s = sum(known.values())
+        self.budget = budget
+        self.command = command
+        slowest = sorted(known.items(), key=lambda item: -item[1])[:3]
+        listed = ", ".join(f"{rev} {seconds:.1f}s" for rev, seconds in slowest)
+        super().__init__(
+            f"start-up did not begin migrating: the {len(self.revisions)} pending revision(s) "
+            f"are known to take {self.total_s:.1f}s (slowest: {listed}), more than time_budget "
+            f"= {budget:g}s (from {budget_source}); nothing was applied. Run them as a job with "
+            f"`{command}`, or raise time_budget.",
+            action="upgrade",
+            environment=environment,
+            setting="time_budget",
+        )
+
+
 class DatabaseAhead(AutolockError):
     """The database is at revisions these scripts do not know (a newer deploy migrated it)."""
 
