@@ -100,7 +100,7 @@ def run_migrations(
         if context.is_offline_mode():
             options = {**_OFFLINE_DEFAULTS, **_split(common, offline=True), **(offline or {})}
             _check_reserved(options)
-            context.configure(url=_url(context, config), **options)
+            context.configure(url=_offline_url(context, config), **options)
             with context.begin_transaction():
                 context.run_migrations()
             return
@@ -362,6 +362,19 @@ def _url(context: Any, config: Any) -> str:
         )
     parse_url(str(url), "the database URL")  # a malformed one: a ConfigError, masked
     return str(url)
+
+
+def _offline_url(context: Any, config: Any) -> Any:
+    """The URL that ``--sql`` renders for: that of the connection or engine handed over in
+    ``config.attributes["connection"]`` (as online runs use it; Flask-Migrate's alembic.ini has
+    no sqlalchemy.url), else ``-x url=...``, else sqlalchemy.url. Nothing connects."""
+    connectable = config.attributes.get("connection")
+    if isinstance(connectable, Connection | Engine):
+        return connectable.engine.url
+    engine = getattr(connectable, "engine", None)  # an engine-like object that names its engine
+    if isinstance(engine, Engine):
+        return engine.url
+    return _url(context, config)
 
 
 @contextmanager
