@@ -335,7 +335,24 @@ def _configure_options(
     options["version_table"] = settings.version_table
     options["version_table_schema"] = settings.version_table_schema
     options["target_metadata"] = target_metadata
+    options["include_name"] = _without_journal(options.get("include_name"), settings)
     return options
+
+
+def _without_journal(include_name: Any, settings: Settings) -> Callable[..., bool]:
+    """``include_name`` for autogenerate that also leaves out the library's journal table, as
+    Alembic leaves out its version table (else ``alembic revision --autogenerate`` proposes
+    dropping it). The project's own ``include_name``, if any, decides everything else."""
+    from ._journal import TABLE
+
+    schema = settings.version_table_schema
+
+    def include(name: str | None, type_: str, parent_names: Any) -> bool:
+        if type_ == "table" and name == TABLE and parent_names.get("schema_name") == schema:
+            return False
+        return True if include_name is None else bool(include_name(name, type_, parent_names))
+
+    return include
 
 
 def _configure_logging(config: Any) -> None:
