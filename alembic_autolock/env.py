@@ -42,6 +42,7 @@ from ._run import (
 from ._settings import Settings, resolve_settings
 from .exceptions import AutolockError, ConfigError, LockLost
 from .locks import MigrationLock, Watch
+from .locks._session import close
 
 __all__ = ["run_migrations"]
 
@@ -227,7 +228,7 @@ def _run_locked(
     """Holding the lock: the migration connection, its fence, the journal, then Alembic."""
     tracker = Tracker(settings=settings, lock=lock)
     masked = mask_url(migration_engine.url)
-    with _connection(migration_engine, given) as conn:
+    with _migration_connection(migration_engine, given) as conn:
         if given is None and autocommit(conn):  # migrations run in transactions
             conn.execution_options(isolation_level=conn.default_isolation_level)
         with migration_session(
@@ -430,6 +431,29 @@ def _connection(engine: Engine, given: Connection | None) -> Iterator[Connection
         raise unavailable(engine, exc) from exc
     with conn:
         yield conn
+
+
+@contextmanager
+def _migration_connection(engine: Engine, given: Connection | None) -> Iterator[Connection]:
+    """The connection to migrate on: the caller's, or a fresh one of ``engine`` that is closed
+    afterwards and never given back to a pool. The library names that session and holds the
+    fence on it, and ``connection_setup`` may have changed its settings: none of that may
+    reach the application's next checkout when the engine is the application's own (handed
+    over in ``config.attributes["connection"]``)."""
+    if given is not None:
+        yield given
+        return
+    try:
+        conn = open_connection(engine)
+    except DBAPIError as exc:
+        raise unavailable(engine, exc) from exc
+    try:
+        yield conn
+    finally:
+        if engine.dialect.name == "sqlite":
+            conn.close()  # an in-memory database lives as long as its one connection
+        else:
+            close(conn)
 
 
 _COMMAND_ERRORS: dict[type[BaseException], type[BaseException]] = {}
