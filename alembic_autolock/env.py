@@ -34,6 +34,7 @@ from ._run import (
     Tracker,
     autocommit,
     failure,
+    heads_now,
     migration_session,
     plan_bootstrap,
     rollback_quietly,
@@ -169,8 +170,16 @@ def _run_from_alembic(
 
                 watch = Watch(read=read, settled=at_target)
             acquired = lock.acquire(watch)
-            if acquired.held:
-                break
+            if not acquired.held:
+                continue
+            # the second look, as ensure_migrated's: a waiter that got the lock just after the
+            # holder finished has nothing to do, and does it without the lock
+            if at_target is not None and at_target(
+                heads_now(lock, engine, settings, mask_url(engine.url))
+            ):
+                lock.release()
+                continue
+            break
         try:
             _run_locked(context, env, lock, migration_engine, given, settings, options, setup)
         finally:
