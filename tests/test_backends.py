@@ -568,3 +568,25 @@ def test_holders_on_mysql_and_redis(
             ("fence", False),
             ("wait", True),
         ]
+
+
+@pytest.mark.parametrize("kind", DATABASE_KINDS)
+def test_a_detached_lock_connection_is_closed_at_once(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The library's own connections are detached from their pool; closing one ends its
+    server session at once (invalidating alone left it to the garbage collector, and a waiter
+    held a session it no longer used)."""
+    from sqlalchemy.pool import NullPool
+
+    from alembic_autolock.locks._session import close, side_engine_for
+
+    url = database_url(request, kind)
+    engine = create_engine(url, poolclass=NullPool)
+    conn = side_engine_for(engine).connect()
+    conn.detach()
+    raw = conn.connection.dbapi_connection
+    close(conn)
+    closed = raw.closed if kind != "mysql" else not raw.open
+    engine.dispose()
+    assert closed
