@@ -70,7 +70,8 @@ def _drop_stale_pg_databases() -> None:
             )
         ]
         for name in names:
-            pid = name.removeprefix("autolock_tests_").removesuffix("_tmpl")
+            # autolock_tests_<pid>, its _tmpl, and the extra databases of tests/test_adoption.py
+            pid = name.removeprefix("autolock_tests_").split("_")[0]
             if pid.isdigit() and not Path(f"/proc/{pid}").exists():
                 conn.execute(
                     "UPDATE pg_database SET datistemplate = false WHERE datname = %s", (name,)
