@@ -37,6 +37,7 @@ from ._run import (
     autocommit,
     failure,
     gate_downgrade,
+    heads_now,
     migration_session,
     plan_bootstrap,
     record_durations,
@@ -48,6 +49,7 @@ from ._settings import Settings, resolve_settings
 from ._wait import run_for_engine
 from .exceptions import AutolockError, ConfigError, LockLost, MigrationFailed
 from .locks import MigrationLock, Watch
+from .locks._session import close
 
 __all__ = ["run_migrations"]
 
@@ -106,7 +108,7 @@ def run_migrations(
         if context.is_offline_mode():
             options = {**_OFFLINE_DEFAULTS, **_split(common, offline=True), **(offline or {})}
             _check_reserved(options)
-            context.configure(url=_url(context, config), **options)
+            context.configure(url=_offline_url(context, config), **options)
             with context.begin_transaction():
                 context.run_migrations()
             return
@@ -202,8 +204,16 @@ def _run_with(
 
             watch = Watch(read=read, settled=at_target)
         acquired = lock.acquire(watch)
-        if acquired.held:
-            break
+        if not acquired.held:
+            continue
+        # the second look, as ensure_migrated's: a waiter that got the lock just after the
+        # holder finished has nothing to do, and does it without the lock
+        if at_target is not None and at_target(
+            heads_now(lock, engine, settings, mask_url(engine.url))
+        ):
+            lock.release()
+            continue
+        break
     try:
         _run_locked(context, env, lock, migration_engine, given, settings, options, setup)
     finally:
@@ -263,7 +273,7 @@ def _run_locked(
     masked = mask_url(migration_engine.url)
     destination = env.context_opts.get("destination_rev")
     retries = DDLRetries(settings, relative=relative_destination(destination))
-    with _connection(migration_engine, given) as conn:
+    with _migration_connection(migration_engine, given) as conn:
         if given is None and autocommit(conn):  # migrations run in transactions
             conn.execution_options(isolation_level=conn.default_isolation_level)
         with migration_session(
@@ -375,7 +385,24 @@ def _configure_options(
     options["version_table"] = settings.version_table
     options["version_table_schema"] = settings.version_table_schema
     options["target_metadata"] = target_metadata
+    options["include_name"] = _without_journal(options.get("include_name"), settings)
     return options
+
+
+def _without_journal(include_name: Any, settings: Settings) -> Callable[..., bool]:
+    """``include_name`` for autogenerate that also leaves out the library's journal table, as
+    Alembic leaves out its version table (else ``alembic revision --autogenerate`` proposes
+    dropping it). The project's own ``include_name``, if any, decides everything else."""
+    from ._journal import TABLE
+
+    schema = settings.version_table_schema
+
+    def include(name: str | None, type_: str, parent_names: Any) -> bool:
+        if type_ == "table" and name == TABLE and parent_names.get("schema_name") == schema:
+            return False
+        return True if include_name is None else bool(include_name(name, type_, parent_names))
+
+    return include
 
 
 def _configure_logging(config: Any) -> None:
@@ -402,6 +429,19 @@ def _url(context: Any, config: Any) -> str:
         )
     parse_url(str(url), "the database URL")  # a malformed one: a ConfigError, masked
     return str(url)
+
+
+def _offline_url(context: Any, config: Any) -> Any:
+    """The URL that ``--sql`` renders for: that of the connection or engine handed over in
+    ``config.attributes["connection"]`` (as online runs use it; Flask-Migrate's alembic.ini has
+    no sqlalchemy.url), else ``-x url=...``, else sqlalchemy.url. Nothing connects."""
+    connectable = config.attributes.get("connection")
+    if isinstance(connectable, Connection | Engine):
+        return connectable.engine.url
+    engine = getattr(connectable, "engine", None)  # an engine-like object that names its engine
+    if isinstance(engine, Engine):
+        return engine.url
+    return _url(context, config)
 
 
 @contextmanager
@@ -442,6 +482,29 @@ def _connection(engine: Engine, given: Connection | None) -> Iterator[Connection
         raise unavailable(engine, exc) from exc
     with conn:
         yield conn
+
+
+@contextmanager
+def _migration_connection(engine: Engine, given: Connection | None) -> Iterator[Connection]:
+    """The connection to migrate on: the caller's, or a fresh one of ``engine`` that is closed
+    afterwards and never given back to a pool. The library names that session and holds the
+    fence on it, and ``connection_setup`` may have changed its settings: none of that may
+    reach the application's next checkout when the engine is the application's own (handed
+    over in ``config.attributes["connection"]``)."""
+    if given is not None:
+        yield given
+        return
+    try:
+        conn = open_connection(engine)
+    except DBAPIError as exc:
+        raise unavailable(engine, exc) from exc
+    try:
+        yield conn
+    finally:
+        if engine.dialect.name == "sqlite":
+            conn.close()  # an in-memory database lives as long as its one connection
+        else:
+            close(conn)
 
 
 _COMMAND_ERRORS: dict[type[BaseException], type[BaseException]] = {}

@@ -32,7 +32,7 @@ import structlog
 from pytest_postgresql import factories
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL, Engine
-from support import MIGRATIONS
+from support import MIGRATIONS, PG_SCHEMES
 
 from alembic_autolock import _state
 
@@ -71,7 +71,8 @@ def _drop_stale_pg_databases() -> None:
             )
         ]
         for name in names:
-            pid = name.removeprefix("autolock_tests_").removesuffix("_tmpl")
+            # autolock_tests_<pid>, its _tmpl, and the extra databases of tests/test_adoption.py
+            pid = name.removeprefix("autolock_tests_").split("_")[0]
             if pid.isdigit() and not Path(f"/proc/{pid}").exists():
                 conn.execute(
                     "UPDATE pg_database SET datistemplate = false WHERE datname = %s", (name,)
@@ -143,12 +144,14 @@ def _fresh_state() -> Iterator[None]:
 
 @pytest.fixture
 def pg_url(request: pytest.FixtureRequest) -> str:
-    """A fresh PostgreSQL database for this test (created and dropped by pytest-postgresql)."""
+    """A fresh PostgreSQL database for this test (created and dropped by pytest-postgresql),
+    as a postgresql+psycopg2:// URL, or as postgresql:// (psycopg 3) when the test is
+    parametrized indirectly with "psycopg"."""
     need_service("PostgreSQL", "127.0.0.1", 5432)
     conn = request.getfixturevalue("postgresql_db")
     info = conn.info
     return URL.create(
-        "postgresql+psycopg2",
+        PG_SCHEMES[getattr(request, "param", "psycopg2")],
         username=info.user,
         password=info.password or PG_PASSWORD,  # trust auth ignores it; masking must not
         host=info.host,

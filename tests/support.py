@@ -21,6 +21,29 @@ BATCHES = REPO / "tests" / "migrations_batches"  # b1: 30 accounts; b2: x100 in 
 WORKER = REPO / "tests" / "worker.py"
 ALL_REVS = ["r1", "r2", "r3", "r4", "r5"]
 
+# The PostgreSQL drivers a test runs with when it is marked
+# @pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True): psycopg2, and psycopg 3, which
+# is what a bare postgresql:// URL means under SQLAlchemy 2.1.
+PG_DRIVERS = ["psycopg2", "psycopg"]
+PG_SCHEMES = {"psycopg2": "postgresql+psycopg2", "psycopg": "postgresql"}
+
+
+def with_driver(url: str, driver: str) -> str:
+    """``url`` (a postgresql+psycopg2:// URL) for another PostgreSQL driver of PG_DRIVERS."""
+    return url.replace("postgresql+psycopg2://", PG_SCHEMES[driver] + "://", 1)
+
+
+# For tests parametrized by server: PostgreSQL through psycopg2 or psycopg 3, or MariaDB.
+DATABASE_KINDS = ["postgresql", "psycopg", "mysql"]
+
+
+def database_url(request: Any, kind: str) -> str:
+    """A fresh database of ``kind`` (one of DATABASE_KINDS) for the requesting test."""
+    if kind == "mysql":
+        return str(request.getfixturevalue("mysql_url"))
+    url = str(request.getfixturevalue("pg_url"))
+    return with_driver(url, "psycopg") if kind == "psycopg" else url
+
 
 def heads_of(
     url: str, version_table: str = "alembic_version", schema: str | None = None

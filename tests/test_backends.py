@@ -20,6 +20,9 @@ from sqlalchemy import create_engine, text
 from structlog.testing import capture_logs
 from support import (
     ALL_REVS,
+    DATABASE_KINDS,
+    PG_DRIVERS,
+    database_url,
     finish,
     heads_of,
     holder_hanging_in,
@@ -181,6 +184,7 @@ def test_redis_expiry_while_held_gives_lock_lost(
     assert heads_of(pg_url) == {"r2"}
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_lock_lost_in_one_transaction_reports_everything_rolled_back(
     pg_url: str, redis_url: str, redis_ns: str, make_ini: Any, trace: Any
 ) -> None:
@@ -206,13 +210,13 @@ def test_lock_lost_in_one_transaction_reports_everything_rolled_back(
     assert heads_of(pg_url) == set()
 
 
-@pytest.mark.parametrize("kind", ["postgresql", "mysql"])
+@pytest.mark.parametrize("kind", DATABASE_KINDS)
 def test_dropped_lock_connection_gives_lock_lost(
     kind: str, request: pytest.FixtureRequest, make_ini: Any, trace: Any
 ) -> None:
     """The database ends the holder's lock session: the holder stops before the next
     revision with LockLost."""
-    url = request.getfixturevalue("pg_url" if kind == "postgresql" else "mysql_url")
+    url = database_url(request, kind)
     ini = make_ini(url, transaction="per-migration")
     proc = start_worker(
         ini, url, env=worker_env(AUTOLOCK_TEST_SLEEP="0.5", AUTOLOCK_TEST_TRACE=str(trace.path))
@@ -220,7 +224,7 @@ def test_dropped_lock_connection_gives_lock_lost(
     assert wait_for(lambda: "r2" in trace.bodies(), 30)
     admin = create_engine(url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
-        if kind == "postgresql":
+        if kind != "mysql":
             ended = conn.execute(
                 text(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -325,16 +329,16 @@ def test_mysql_failure_is_journalled_and_refused_next_time(
     assert result.applied == ("r3", "r4", "r5")
 
 
-@pytest.mark.parametrize("kind", ["postgresql", "mysql"])
+@pytest.mark.parametrize("kind", DATABASE_KINDS)
 def test_orphaned_migration_session_is_waited_for_then_ended(
     kind: str, request: pytest.FixtureRequest, make_ini: Any, make_engine: Any, trace: Any
 ) -> None:
     """A holder killed while its migration session runs a long statement: the next holder
     does not migrate beside it; with orphan_wait = 0 it terminates it, with an event."""
-    url = request.getfixturevalue("pg_url" if kind == "postgresql" else "mysql_url")
+    url = database_url(request, kind)
     ini = make_ini(url, transaction="per-migration")
     # MySQL commits DDL at once, so there the sleep comes before the revision's DDL
-    where = "r3" if kind == "postgresql" else "r3:before"
+    where = "r3" if kind != "mysql" else "r3:before"
     proc = start_worker(
         ini,
         url,
@@ -378,6 +382,7 @@ def test_orphaned_session_that_ends_by_itself_is_waited_for(
     assert orphan_events == ["orphan.waiting", "orphan.gone"]
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_holders_show_holder_and_waiters(
     pg_url: str, make_ini: Any, make_engine: Any, trace: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -563,3 +568,25 @@ def test_holders_on_mysql_and_redis(
             ("fence", False),
             ("wait", True),
         ]
+
+
+@pytest.mark.parametrize("kind", DATABASE_KINDS)
+def test_a_detached_lock_connection_is_closed_at_once(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The library's own connections are detached from their pool; closing one ends its
+    server session at once (invalidating alone left it to the garbage collector, and a waiter
+    held a session it no longer used)."""
+    from sqlalchemy.pool import NullPool
+
+    from alembic_autolock.locks._session import close, side_engine_for
+
+    url = database_url(request, kind)
+    engine = create_engine(url, poolclass=NullPool)
+    conn = side_engine_for(engine).connect()
+    conn.detach()
+    raw = conn.connection.dbapi_connection
+    close(conn)
+    closed = raw.closed if kind != "mysql" else not raw.open
+    engine.dispose()
+    assert closed

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
-from support import REPO, heads_of, worker_env
+from support import PG_DRIVERS, REPO, heads_of, worker_env
 
 from alembic_autolock._mask import mask_url
 from alembic_autolock.cli import main
@@ -32,6 +32,7 @@ def run(*args: str, env: dict[str, str] | None = None, cwd: str | None = None) -
     )
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_upgrade_status_check_downgrade_round_trip(pg_url: str, make_ini: Any) -> None:
     """upgrade, status --json, check and downgrade through the installed console script."""
     ini = make_ini(pg_url)
@@ -174,6 +175,7 @@ def test_alembic_cli_downgrade_is_gated_in_production(
     assert heads_of(pg_url) == {"r4"}
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_alembic_cli_failure_names_revision_and_state(
     pg_url: str, make_ini: Any, trace: Any
 ) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.pool import StaticPool
 from support import (
     ALL_REVS,
+    PG_DRIVERS,
     finish,
     heads_of,
     holder_hanging_in,
@@ -32,6 +33,7 @@ from alembic_autolock import LockTimeout, ensure_migrated
 ALEMBIC = os.path.join(os.path.dirname(sys.executable), "alembic")
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_twenty_processes_released_at_once_migrate_exactly_once(
     pg_url: str, make_ini: Any, trace: Any
 ) -> None:
@@ -50,6 +52,7 @@ def test_twenty_processes_released_at_once_migrate_exactly_once(
     assert heads_of(pg_url) == {"r5"}
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_concurrent_plain_alembic_cli_runs_take_the_lock(
     pg_url: str, make_ini: Any, trace: Any
 ) -> None:
@@ -73,6 +76,7 @@ def test_concurrent_plain_alembic_cli_runs_take_the_lock(
     assert heads_of(pg_url) == {"r5"}
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_lock_timeout_names_the_holder(
     pg_url: str, make_ini: Any, make_engine: Any, trace: Any
 ) -> None:
@@ -90,6 +94,7 @@ def test_lock_timeout_names_the_holder(
     assert held.owner in str(err) and "timed out after 1." in str(err)
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_killed_holder_does_not_block_the_next_process(
     pg_url: str, make_ini: Any, make_engine: Any, trace: Any
 ) -> None:
@@ -181,6 +186,7 @@ class EngineLike:
 
 
 @pytest.mark.parametrize("kind", ["connection", "engine", "engine-like"])
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_env_hook_accepts_connection_engine_or_engine_like(
     pg_url: str, make_ini: Any, make_engine: Any, trace: Any, kind: str
 ) -> None:

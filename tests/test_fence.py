@@ -19,7 +19,16 @@ import pytest
 import redis
 from sqlalchemy import create_engine, text
 from structlog.testing import capture_logs
-from support import BATCHES, heads_of, start_worker, wait_for, worker_env
+from support import (
+    BATCHES,
+    DATABASE_KINDS,
+    PG_DRIVERS,
+    database_url,
+    heads_of,
+    start_worker,
+    wait_for,
+    worker_env,
+)
 
 from alembic_autolock import MigrationInterrupted, ensure_migrated
 from alembic_autolock._runner import resolve
@@ -57,7 +66,7 @@ def batch_lines(trace: Any) -> list[tuple[str, str]]:
     return [(p[2], p[3]) for p in trace.lines() if len(p) == 4 and p[3].startswith("batch")]
 
 
-@pytest.mark.parametrize("kind", ["postgresql", "mysql"])
+@pytest.mark.parametrize("kind", DATABASE_KINDS)
 def test_forced_unlock_never_lets_two_processes_run_the_batches(
     kind: str,
     request: pytest.FixtureRequest,
@@ -69,7 +78,7 @@ def test_forced_unlock_never_lets_two_processes_run_the_batches(
     """unlock --force while the holder pauses between committed batches: its migration
     session is ended with its lock, so it cannot run another batch; the next run refuses to
     re-run the half-done revision, naming it, the holder and how to resolve it."""
-    url = request.getfixturevalue("pg_url" if kind == "postgresql" else "mysql_url")
+    url = database_url(request, kind)
     ini = make_ini(url, scripts=BATCHES, transaction="per-migration")
     holder = paused_holder(ini, url, trace)
     try:
@@ -101,6 +110,7 @@ def test_forced_unlock_never_lets_two_processes_run_the_batches(
     assert balances(url) == {0: 100, 1: 100, 2: 100}
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_frozen_redis_holder_is_fenced_out(
     pg_url: str, redis_url: str, make_ini: Any, make_engine: Any, trace: Any
 ) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, inspect, text
 from structlog.testing import capture_logs
-from support import ALL_REVS, MIGRATIONS, heads_of
+from support import ALL_REVS, MIGRATIONS, PG_DRIVERS, heads_of
 
 from alembic_autolock import (
     ConfigError,
@@ -64,6 +64,7 @@ def environment_with(tmp_path: Path, url: str, env_py: str, ini_extra: str = "")
     return str(ini)
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_upgrades_an_empty_database_once(
     pg_url: str, make_ini: Any, make_engine: Any, trace: Any
 ) -> None:
@@ -117,6 +118,7 @@ def test_cache_ttl_zero_is_never_answered_from_the_cache(
     assert ensure_migrated(engine, config=ini, cache_ttl=0).action == "current"
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_failure_per_migration_keeps_the_last_good_revision(
     pg_url: str, make_ini: Any, make_engine: Any, trace: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -144,6 +146,7 @@ def test_failure_per_migration_keeps_the_last_good_revision(
     assert trace.bodies() == ["r1", "r2", "r3", "r3", "r4", "r5"]
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_failure_in_one_transaction_leaves_database_unchanged(
     pg_url: str, make_ini: Any, make_engine: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -170,6 +173,7 @@ def test_transaction_all_applies_in_one_transaction(
     assert result.applied == tuple(ALL_REVS)
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_autocommit_block_revision_runs_outside_a_transaction(
     pg_url: str, make_ini: Any, make_engine: Any
 ) -> None:
@@ -187,6 +191,7 @@ def test_autocommit_block_revision_runs_outside_a_transaction(
     assert valid is True
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_custom_version_table_and_schema(pg_url: str, make_ini: Any, make_engine: Any) -> None:
     """version_table and version_table_schema are used by the check and by the upgrade."""
     engine = make_engine(pg_url)
@@ -292,6 +297,7 @@ def test_unreachable_database_masks_the_password(make_ini: Any, make_engine: Any
     assert info.value.url == "postgresql+psycopg2://app:***@127.0.0.1:1/app"
 
 
+@pytest.mark.parametrize("pg_url", PG_DRIVERS, indirect=True)
 def test_status_reports_heads_pending_and_lock(
     pg_url: str, make_ini: Any, make_engine: Any
 ) -> None:

@@ -88,10 +88,20 @@ def open_side_connection(
 
 
 def close(conn: Connection) -> None:
+    """End ``conn``'s session now. Invalidating a connection that was detached from its pool
+    only drops SQLAlchemy's reference to the DBAPI connection (the session lingers until
+    garbage collection gets to it), so the DBAPI connection is closed here as well."""
+    raw = None
+    if not conn.closed and not conn.invalidated:
+        with contextlib.suppress(SQLAlchemyError):
+            raw = conn.connection.dbapi_connection
     with contextlib.suppress(SQLAlchemyError):
         conn.invalidate()
     with contextlib.suppress(SQLAlchemyError):
         conn.close()
+    if raw is not None:
+        with contextlib.suppress(Exception):  # already closed, or its socket is gone
+            raw.close()
 
 
 @contextmanager

@@ -22,8 +22,8 @@ sqlalchemy.url = driver://user:pass@localhost/dbname
 # cache_ttl = 300
 # mode: off, check or upgrade (what ensure_migrated may do)
 # mode = upgrade
-# transaction: per-migration, or all (one transaction where the database allows it)
-# transaction = per-migration
+# transaction: all (one transaction where the database allows it, as Alembic), or per-migration
+# transaction = all
 # version_table = alembic_version
 # version_table_schema =
 
