@@ -182,7 +182,9 @@ def ensure_migrated(
         found = frozenset(heads)
         if found == plan.script_heads or found in plan.settled:
             conn.close()
-            held = tuple(PendingRevision(rev, msg) for rev, msg in plan.settled.get(found, ()))
+            held = tuple(
+                PendingRevision(rev, msg, manual=True) for rev, msg in plan.settled.get(found, ())
+            )
             remember(plan, heads, held if held else None)
             if events.wants("info"):
                 events.emit(events.CHECK_CURRENT, database=plan.masked_url, heads=list(heads))

@@ -54,8 +54,12 @@ class Holder:
 
 @dataclass(frozen=True)
 class PendingRevision:
+    """A revision not yet applied. ``manual``: start-up leaves it for a job (it is marked
+    ``autolock_manual = True``, or comes after one that is)."""
+
     revision: str
     message: str | None
+    manual: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,10 @@ class Status:
             "at_head": self.at_head,
             "ahead": self.ahead,
             "unknown_heads": list(self.unknown_heads),
-            "pending": [{"revision": p.revision, "message": p.message} for p in self.pending],
+            "pending": [
+                {"revision": p.revision, "message": p.message, "manual": p.manual}
+                for p in self.pending
+            ],
             "lock": {
                 "backend": self.lock_backend,
                 "namespace": self.namespace,

@@ -477,6 +477,9 @@ def status(engine: Engine, *, config: ConfigLike = None, **settings: Any) -> Sta
         if unknown
         else tuple(PendingRevision(rev, msg) for rev, msg in pending_steps(plan.script, heads))
     )
+    if pending and plan.manual:
+        held = {p.revision for p in startup_plan(plan.script, heads, plan.manual).held_back}
+        pending = tuple(PendingRevision(p.revision, p.message, p.revision in held) for p in pending)
     holders: tuple[Holder, ...] = ()
     error = None
     lock, migration_engine = make_lock(engine, s, plan.namespace)

@@ -69,7 +69,9 @@ def startup_plan(
     if not blocked:
         return StartupPlan("heads", tuple(r.revision for r in pending), ())
     allowed = [r for r in pending if r.revision not in blocked]
-    held = tuple(PendingRevision(r.revision, r.doc) for r in pending if r.revision in blocked)
+    held = tuple(
+        PendingRevision(r.revision, r.doc, manual=True) for r in pending if r.revision in blocked
+    )
     if not allowed:
         return StartupPlan(None, (), held)
     below = {p for r in allowed for p in (getattr(r, "_all_down_revisions", None) or ())}
