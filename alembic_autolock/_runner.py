@@ -113,6 +113,7 @@ def _remember(plan: Plan, heads: tuple[str, ...]) -> None:
 def _handle_ahead(
     plan: Plan, heads: tuple[str, ...], unknown: list[str], started: float, waited: float = 0.0
 ) -> MigrationResult:
+    events.use_context(plan.settings, plan.namespace)  # the alerts read it (on_ahead)
     events.emit(
         events.CHECK_AHEAD,
         "warning",
@@ -156,6 +157,8 @@ def ensure_migrated(
     if plan is not None and plan.engine_ref() is engine:
         entry = _state.heads.get(plan.cache_key) if plan.settings.cache_ttl > 0 else None
         if entry is not None and entry[0] > time.monotonic():
+            if events.listeners_of(events.CHECK_CACHED):  # metrics count it; nothing is logged
+                events.notify(events.CHECK_CACHED, database=plan.masked_url, heads=list(entry[1]))
             return MigrationResult("cached", (), entry[1], 0.0, time.perf_counter() - started)
     else:
         plan = offload(prepare, engine, config, settings)  # file system work, off an event loop
@@ -164,6 +167,7 @@ def ensure_migrated(
                 _state.plans.clear()
             _state.plans[memo] = plan
     s = plan.settings
+    events.use_context(s, plan.namespace)
     if s.mode == "off":
         events.emit(events.MODE_OFF, database=plan.masked_url, environment=s.environment)
         return MigrationResult("skipped", elapsed_s=time.perf_counter() - started)
@@ -249,6 +253,7 @@ def make_lock(engine: Engine, settings: Settings, namespace: str) -> tuple[Migra
     """The runner's lock for ``engine``, and the engine its migration sessions come from (the
     lock_url engine when set: a fence needs a real server session, which a transaction-pooling
     proxy does not give)."""
+    events.use_context(settings, namespace)  # every locked run passes here: alerts read it
     backend = make_backend(settings, engine, namespace)
     migration_engine = lock_engine_for(settings.lock_url) or engine
     fence = make_fence(backend, migration_engine, namespace)

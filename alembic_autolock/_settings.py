@@ -32,6 +32,8 @@ MODES = ("off", "check", "upgrade")
 TRANSACTIONS = ("per-migration", "all")
 ON_AHEAD = ("warn", "error")
 EMPTY_DATABASE = ("upgrade", "create_all")
+METRICS = ("auto", "off")
+ALERT_FORMATS = ("json", "slack")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -61,6 +63,13 @@ class Settings:
     orphan_wait: float = 10.0
     empty_database: str = "upgrade"
     refresh_pool: bool = True
+    # operator surfaces: metrics.py, alerts.py, web.py
+    metrics: str = "auto"
+    alert_webhook: str | None = field(default=None, repr=False)  # its path may be the secret
+    alert_format: str = "json"
+    alert_lock_wait: float = 10.0
+    alert_timeout: float = 3.0
+    web_token: str | None = field(default=None, repr=False)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -83,6 +92,8 @@ class Settings:
 
 # Settings whose value may be a URL with a password.
 _URL_KEYS = frozenset({"lock", "lock_url"})
+# Settings whose value is a secret as a whole: never echoed.
+_SECRET_KEYS = frozenset({"alert_webhook", "web_token"})
 # What a value with a locatable secret looks like: a URL, userinfo, key=value.
 _STRUCTURED = re.compile(r"://|[@=]")
 REDACTED = "<redacted>"
@@ -90,7 +101,9 @@ REDACTED = "<redacted>"
 
 def _shown(key: str, value: object) -> object:
     """``value`` as it may be echoed in an error: masked. A lock_url whose password cannot be
-    located (it does not even look like a URL) is not shown at all."""
+    located (it does not even look like a URL) is not shown at all, nor is a secret."""
+    if key in _SECRET_KEYS:
+        return REDACTED
     if isinstance(value, str):
         masked = mask_url(value)
         if key == "lock_url" and masked == value and not _STRUCTURED.search(value):
@@ -222,6 +235,27 @@ def _empty_database(key: str, value: object, source: str) -> str:
     return text
 
 
+def _webhook(key: str, value: object, source: str) -> str | None:
+    text = _as_str(key, value, source)
+    if not text:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _fail(key, value, source, "an http:// or https:// URL")
+    return text
+
+
+def _positive_seconds(key: str, value: object, source: str) -> float:
+    number = _as_seconds(key, value, source)
+    if number <= 0:
+        raise _fail(key, value, source, "a number of seconds > 0")
+    return number
+
+
+def _token(key: str, value: object, source: str) -> str | None:
+    return _as_str(key, value, source) or None
+
+
 _PARSERS: dict[str, Callable[[str, object, str], Any]] = {
     "lock": _parse_lock,
     "lock_url": _lock_url,
@@ -240,6 +274,12 @@ _PARSERS: dict[str, Callable[[str, object, str], Any]] = {
     "orphan_wait": _as_seconds,
     "empty_database": _empty_database,
     "refresh_pool": _as_bool,
+    "metrics": _choice(METRICS),
+    "alert_webhook": _webhook,
+    "alert_format": _choice(ALERT_FORMATS),
+    "alert_lock_wait": _as_seconds,
+    "alert_timeout": _positive_seconds,
+    "web_token": _token,
 }
 
 KEYS = tuple(sorted(_PARSERS))
