@@ -286,6 +286,8 @@ KEYS = tuple(sorted(_PARSERS))
 
 # Environment variables with this prefix that are not settings keys but are still ours.
 _ENV_ALIASES = {"ALEMBIC_AUTOLOCK_ENV": "environment"}
+# Variables with this prefix that are ours but not settings: the CLI's database URL.
+_ENV_NOT_SETTINGS = frozenset({"ALEMBIC_AUTOLOCK_URL"})
 
 # Where platforms and frameworks put the deployment environment, read in this order when
 # neither the environment setting nor ALEMBIC_AUTOLOCK_ENV says it.
@@ -328,7 +330,7 @@ def resolve_settings(
     from_env: dict[str, Any] = {}
     env_sources: dict[str, str] = {}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_SETTINGS:
             continue
         key = _ENV_ALIASES.get(name) or name[len(ENV_PREFIX) :].lower()
         if key not in _PARSERS:
