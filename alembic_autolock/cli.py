@@ -178,7 +178,8 @@ class Progress:
 
     def _on_event(self, event: str, level: str, fields: Mapping[str, Any]) -> None:
         if event == events.LOCK_WAITING:
-            holders = [_who(h) for h in fields.get("holders") or ()]
+            # the lock's session and its migration session (the fence) are one process
+            holders = list(dict.fromkeys(_who(h) for h in fields.get("holders") or ()))
             self.waited_for = holders
             who = "; ".join(holders) or "another process"
             backend = fields.get("backend")
