@@ -101,7 +101,9 @@ def emit(event: str, level: str = "info", **fields: Any) -> None:
 def _log(event: str, level: str, fields: dict[str, Any]) -> None:
     structured = _structlog_logger()
     if structured is not None:
-        getattr(structured, level)(event, **fields)
+        # the logger's name as a field: structlog's own add_logger_name needs the stdlib
+        # logger factory, and an application's pipeline may have neither
+        getattr(structured, level)(event, **({"logger": LOGGER_NAME} | fields))
         return
     levelno = _LEVELS[level]
     if _stdlib_logger.disabled:
