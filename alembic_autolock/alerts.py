@@ -236,7 +236,7 @@ def _start_wait(
         waited = time.monotonic() - started
         holders = _text(snapshot.get("holders") or ["unknown"])
         message = (
-            f"waiting {waited:.0f}s so far for the {snapshot.get('backend')} migration lock "
+            f"waiting {waited:.1f}s so far for the {snapshot.get('backend')} migration lock "
             f"{snapshot.get('namespace')!r}, held by: {holders}"
         )
         _raise(
