@@ -184,3 +184,35 @@ def test_multiprocess_mode_aggregates_workers(
     assert value(registry, "alembic_autolock_revisions_applied_total", direction="upgrade") == len(
         ALL_REVS
     )
+
+
+def test_the_gunicorn_example_serves_every_workers_metrics(tmp_path: Path, sqlite_url: str) -> None:
+    """examples/gunicorn_metrics.py, imported by two "workers" sharing PROMETHEUS_MULTIPROC_DIR
+    (as gunicorn's workers do), serves both workers' counts on /metrics, and the status."""
+    directory = tmp_path / "prom"
+    directory.mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(directory), "DATABASE_URL": sqlite_url}
+    worker = "import sys\nsys.path.insert(0, 'examples')\nimport gunicorn_metrics as example\n"
+    run_python(worker, **env)
+    scrape = worker + (
+        "import wsgiref.util\n"
+        "def get(path):\n"
+        "    environ = {}\n"
+        "    wsgiref.util.setup_testing_defaults(environ)\n"
+        "    environ['PATH_INFO'] = path\n"
+        "    got = []\n"
+        "    body = b''.join(example.app(environ, lambda status, headers: got.append(status)))\n"
+        "    return got[0], body.decode()\n"
+        "status, text = get('/metrics')\n"
+        "print(status)\n"
+        "for line in text.splitlines():\n"
+        "    if line.startswith('alembic_autolock_checks_total') and not line.endswith(' 0.0'):\n"
+        "        print(line)\n"
+        "print(get('/migrations/status')[0])\n"
+    )
+    lines = run_python(scrape, **env).splitlines()
+    assert (lines[0], lines[-1]) == ("200 OK", "200 OK")
+    assert sorted(lines[1:-1]) == [  # one worker migrated, the other found it at head
+        'alembic_autolock_checks_total{result="current"} 1.0',
+        'alembic_autolock_checks_total{result="pending"} 1.0',
+    ]
