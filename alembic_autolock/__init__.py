@@ -15,6 +15,7 @@ from ._async import (
     status_async,
     upgrade_async,
 )
+from ._events import subscribe
 from ._lazy import install
 from ._migration_lock import migration_lock
 from ._runner import (
@@ -81,6 +82,7 @@ __all__ = [
     "migration_lock_async",
     "status",
     "status_async",
+    "subscribe",
     "upgrade",
     "upgrade_async",
 ]
