@@ -85,6 +85,9 @@ class Progress:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        # the migration in progress: revisions done of how many
+        self._steps = 0
+        self._count = 0
         # what the run went through, for the summary
         self.waited_for: list[str] = []
         self.migrated_by_other = False
@@ -203,15 +206,13 @@ class Progress:
             revisions = [str(r) for r in fields.get("revisions") or ()]
             count = int(fields.get("count") or len(revisions))
             direction = "applying" if fields.get("direction") == "upgrade" else "undoing"
-            self._steps = 0
-            self._count = count
-            self._direction = direction
+            self._steps, self._count = 0, count
             self.show(
-                lambda s: f"{direction} {count} revision(s): {self._steps} done, {s:.1f}s",
+                lambda s: f"{direction} {self._count} revision(s): {self._steps} done, {s:.1f}s",
                 f"{direction} {', '.join(revisions)}",
             )
         elif event == events.MIGRATION_STEP:
-            self._steps = getattr(self, "_steps", 0) + 1
+            self._steps += 1
         elif event in (events.MIGRATION_FAILED, events.LOCK_LOST, events.LOCK_RELEASED):
             self.done()
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -15,7 +17,7 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import pytest
-from support import heads_of
+from support import heads_of, worker_env
 
 from alembic_autolock import migration_lock
 from alembic_autolock.exceptions import ConfigError
@@ -241,3 +243,28 @@ def test_asgi_with_an_async_engine(sqlite_url: str, make_ini: Any) -> None:
     assert asyncio.run(scenario()) == [503, 200, 200]
     with pytest.raises(ConfigError, match="make_asgi_app"):
         make_wsgi_app(engine, config=ini)
+
+
+def test_importing_the_library_imports_nothing_web(sqlite_url: str, make_ini: Any) -> None:
+    """`import alembic_autolock` and a run at head import neither the operator surfaces nor
+    prometheus_client, a web framework or an HTTP client."""
+    code = (
+        "import sys\n"
+        "import alembic_autolock\n"
+        "from sqlalchemy import create_engine\n"
+        f"alembic_autolock.ensure_migrated(create_engine({sqlite_url!r}), "
+        f"config={make_ini(sqlite_url)!r})\n"
+        "heavy = ['prometheus_client', 'starlette', 'fastapi', 'flask', 'werkzeug', 'uvicorn',\n"
+        "         'jsonschema', 'urllib.request', 'http.server', 'wsgiref',\n"
+        "         'alembic_autolock.web', 'alembic_autolock.metrics', 'alembic_autolock.cli']\n"
+        "print([name for name in heavy if name in sys.modules])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=worker_env(),
+        timeout=60,
+        check=False,
+    )
+    assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr
