@@ -306,3 +306,19 @@ def test_usage_errors_exit_2_and_help_documents_exit_codes(
         main(["--version"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith("alembic-autolock ")
+
+
+def test_verbose_shows_the_events_and_quiet_nothing(
+    sqlite_url: str, make_ini: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """-v prints each event on stderr, the result on stdout; -q prints nothing at all."""
+    ini = make_ini(sqlite_url)
+    assert main(["-c", ini, "-v", "upgrade", "r1"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("upgraded: applied r1; database now at r1")
+    events = [line.split()[1] for line in out.err.splitlines()]
+    assert events[:2] == ["lock.acquired", "migration.started"]
+    assert out.err.splitlines()[0].startswith("info: lock.acquired backend=file")
+    assert not CONTROL.search(out.err)
+    assert main(["-c", ini, "upgrade", "-q"]) == 0
+    assert capsys.readouterr() == ("", "")
