@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -127,6 +128,8 @@ _subscriptions: list[tuple[Listener, frozenset[str] | None]] = []
 _routes: dict[str, tuple[Listener, ...]] = {}
 _wildcard: tuple[Listener, ...] = ()
 _booted = False
+# (un)subscribing and booting; emitting reads _routes without it (one atomic lookup)
+_guard = threading.RLock()
 
 
 def _rebuild() -> None:
@@ -145,13 +148,15 @@ def subscribe(listener: Listener, names: Iterable[str] | None = None) -> Callabl
     when None), after it is logged, in the thread that emits it. Returns the function that
     unsubscribes it (idempotent). ``fields`` must not be changed."""
     entry = (listener, None if names is None else frozenset(names))
-    _subscriptions.append(entry)
-    _rebuild()
+    with _guard:
+        _subscriptions.append(entry)
+        _rebuild()
 
     def unsubscribe() -> None:
-        if entry in _subscriptions:
-            _subscriptions.remove(entry)
-            _rebuild()
+        with _guard:
+            if entry in _subscriptions:
+                _subscriptions.remove(entry)
+                _rebuild()
 
     return unsubscribe
 
@@ -180,11 +185,14 @@ def _boot() -> None:
     """Subscribe the library's own listeners, on the first event of the process: the alerts,
     and the metrics once the application has imported prometheus_client."""
     global _booted
-    _booted = True
     from . import alerts
 
-    alerts.install()
-    subscribe(_metrics_probe, EVENT_NAMES - {CHECK_CACHED, ALERT_SENT, ALERT_FAILED})
+    with _guard:
+        if _booted:
+            return
+        alerts.install()
+        subscribe(_metrics_probe, EVENT_NAMES - {CHECK_CACHED, ALERT_SENT, ALERT_FAILED})
+        _booted = True
 
 
 def _metrics_probe(event: str, level: str, fields: Mapping[str, Any]) -> None:

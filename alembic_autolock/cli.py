@@ -234,15 +234,35 @@ _PROGRESS_EVENTS = (
 _current: Progress | None = None
 
 
+# Warnings and errors the command restates itself (its result line, or the FAILED line of the
+# error that follows them): shown only with -v.
+_RESTATED = frozenset(
+    {
+        events.GATE_CLOSED,
+        events.CHECK_AHEAD,
+        events.LOCK_CLEARED,
+        events.MIGRATION_RESOLVED,
+        events.LOCK_TIMEOUT,
+        events.LOCK_LOST,
+        events.MIGRATION_FAILED,
+        events.MIGRATION_INTERRUPTED,
+    }
+)
+
+
 class _EventLines(logging.Handler):
-    """The library's log records as lines above the live line: warnings and errors always
-    (they would otherwise tear it), every event with -v."""
+    """The library's log records as lines above the live line: the warnings the command does
+    not restate itself (an orphaned session, a failed release, a failed alert), every event
+    with -v."""
 
     def __init__(self, fallback: Progress, level: int) -> None:
         super().__init__(level)
         self.fallback = fallback
+        self.verbose = level < logging.WARNING
 
     def emit(self, record: logging.LogRecord) -> None:
+        if not self.verbose and getattr(record, "autolock_event", None) in _RESTATED:
+            return
         try:
             message = record.getMessage()
         except Exception:  # a broken record must not break the command

@@ -322,3 +322,23 @@ def test_verbose_shows_the_events_and_quiet_nothing(
     assert not CONTROL.search(out.err)
     assert main(["-c", ini, "upgrade", "-q"]) == 0
     assert capsys.readouterr() == ("", "")
+
+
+def test_warnings_show_unless_the_command_restates_them(
+    sqlite_url: str, make_ini: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A warning the command does not restate (lock = none) is a line on stderr; a refusal's
+    warning event is not repeated above its FAILED line."""
+    ini = make_ini(sqlite_url, lock="none")
+    assert main(["-c", ini, "upgrade", "r1"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: lock.disabled detail=lock = none:")
+    production = make_ini(sqlite_url, environment="production")
+    assert main(["-c", production, "downgrade", "base"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "FAILED: downgrade refused in environment 'production' (allow_downgrade is false, from "
+        "default for environment 'production'). To allow it, set "
+        "ALEMBIC_AUTOLOCK_ALLOW_DOWNGRADE=true, or allow_downgrade = true in [alembic_autolock], "
+        "or pass allow_downgrade=True."
+    ]
