@@ -71,7 +71,7 @@ ORPHAN_GONE = "orphan.gone"
 ORPHAN_TERMINATED = "orphan.terminated"
 # to listeners only (see the module docstring): ensure_migrated answered from the cache
 CHECK_CACHED = "check.cached"
-# the alerts (alembic_autolock._alerts)
+# the alerts (alembic_autolock.alerts)
 ALERT_SENT = "alert.sent"
 ALERT_FAILED = "alert.failed"
 

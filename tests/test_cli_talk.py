@@ -83,7 +83,7 @@ def test_upgrade_on_a_terminal_shows_who_holds_the_lock_and_what_happened(
     """While another process migrates, upgrade shows a live line with the elapsed time and
     the holder (process, host, since), then says who migrated and how long it waited."""
     ini = make_ini(pg_url)
-    env = worker_env(AUTOLOCK_TEST_SLEEP="0.5", AUTOLOCK_TEST_TRACE=str(trace.path))
+    env = worker_env(AUTOLOCK_TEST_SLEEP="0.8", AUTOLOCK_TEST_TRACE=str(trace.path))
     holder = start_worker(ini, pg_url, env=env)
     try:
         assert wait_for(lambda: trace.lines(), 30)  # it holds the lock, in r1

@@ -268,3 +268,61 @@ def test_importing_the_library_imports_nothing_web(sqlite_url: str, make_ini: An
         check=False,
     )
     assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr
+
+
+def test_asgi_lifespan_large_bodies_and_unexpected_errors(
+    sqlite_url: str, make_ini: Any, make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ASGI app answers the lifespan protocol; a body over 64 KiB is a 413 (ASGI and
+    WSGI); an unexpected error is a 500 with one masked line, never a traceback."""
+    ini = make_ini(sqlite_url)
+    engine = make_engine(sqlite_url)
+    app = make_asgi_app(engine, config=ini, web_token=TOKEN)
+
+    async def drive(scope: dict[str, Any], incoming: list[dict[str, Any]]) -> list[Any]:
+        sent: list[Any] = []
+
+        async def receive() -> dict[str, Any]:
+            return incoming.pop(0)
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent
+
+    lifespan = asyncio.run(
+        drive({"type": "lifespan"}, [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    )
+    assert [m["type"] for m in lifespan] == [
+        "lifespan.startup.complete",
+        "lifespan.shutdown.complete",
+    ]
+    big = [
+        {"type": "http.request", "body": b"x" * 40000, "more_body": True},
+        {"type": "http.request", "body": b"x" * 40000, "more_body": False},
+    ]
+    auth = [(b"authorization", f"Bearer {TOKEN}".encode())]
+    sent = asyncio.run(
+        drive({"type": "http", "method": "POST", "path": "/upgrade", "headers": auth}, big)
+    )
+    assert sent[0]["status"] == 413
+    with wsgi_server(make_wsgi_app(engine, config=ini, web_token=TOKEN)) as base:
+        status, _, doc = request(base, "POST", "/upgrade", token=TOKEN, body=b"x" * 70000)
+        assert (status, doc["error"]["type"]) == (413, "ContentTooLarge")
+
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("driver exploded near postgresql://u:S3cr3t@h/db\nsecond line")
+
+    monkeypatch.setattr("alembic_autolock._runner.status", boom)
+    with wsgi_server(make_wsgi_app(engine, config=ini)) as base:
+        status, _, doc = request(base, "GET", "/status")
+    assert (status, doc["error"]) == (
+        500,
+        {
+            "status": 500,
+            "type": "RuntimeError",
+            "message": "driver exploded near postgresql://u:***@h/db",
+        },
+    )
+    assert heads_of(sqlite_url) == set()
