@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._cold import ensure_migrated
+from ._events import subscribe
 from ._lazy import install
 from ._results import Holder, MigrationResult, PendingRevision, Status
 from .exceptions import (
@@ -103,6 +104,7 @@ __all__ = [
     "migration_lock_async",
     "status",
     "status_async",
+    "subscribe",
     "upgrade",
     "upgrade_async",
 ]

@@ -158,6 +158,10 @@ def ensure_migrated(
         if plan.settings.cache_ttl > 0:
             entry = _state.heads.get(plan.cache_key)
             if entry is not None and entry[0] > time.monotonic():
+                if events.listeners_of(events.CHECK_CACHED):  # metrics count it; not logged
+                    events.notify(
+                        events.CHECK_CACHED, database=plan.masked_url, heads=list(entry[1])
+                    )
                 return MigrationResult(
                     "cached", (), entry[1], 0.0, time.perf_counter() - started, entry[2]
                 )

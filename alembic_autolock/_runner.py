@@ -51,6 +51,7 @@ from .locks._session import lock_engine_for, side_connection
 def _handle_ahead(
     plan: Plan, heads: tuple[str, ...], unknown: list[str], started: float, waited: float = 0.0
 ) -> MigrationResult:
+    events.use_context(plan.settings, plan.namespace)  # the alerts read it (on_ahead)
     events.emit(
         events.CHECK_AHEAD,
         "warning",
@@ -87,6 +88,7 @@ def migrate_or_check(
                 _state.plans.clear()
             _state.plans[memo] = plan
     s = plan.settings
+    events.use_context(s, plan.namespace)
     if s.mode == "off":
         if looked is not None:
             looked[0].close()
@@ -216,6 +218,7 @@ def make_lock(engine: Engine, settings: Settings, namespace: str) -> tuple[Migra
     """The runner's lock for ``engine``, and the engine its migration sessions come from (the
     lock_url engine when set: a fence needs a real server session, which a transaction-pooling
     proxy does not give)."""
+    events.use_context(settings, namespace)  # every locked run passes here: alerts read it
     backend = make_backend(settings, engine, namespace)
     migration_engine = lock_engine_for(settings.lock_url) or engine
     fence = make_fence(backend, migration_engine, namespace)

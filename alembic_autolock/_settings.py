@@ -31,6 +31,8 @@ MODES = ("off", "check", "upgrade")
 TRANSACTIONS = ("per-migration", "all")
 ON_AHEAD = ("warn", "error")
 EMPTY_DATABASE = ("upgrade", "create_all")
+METRICS = ("auto", "off")
+ALERT_FORMATS = ("json", "slack")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -73,6 +75,13 @@ class Settings:
     time_budget: float = 0.0
     # a JSON file of revision durations (``alembic-autolock durations --json``), for time_budget
     durations_file: str | None = None
+    # operator surfaces: metrics.py, alerts.py, web.py
+    metrics: str = "auto"
+    alert_webhook: str | None = field(default=None, repr=False)  # its path may be the secret
+    alert_format: str = "json"
+    alert_lock_wait: float = 10.0
+    alert_timeout: float = 3.0
+    web_token: str | None = field(default=None, repr=False)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -95,6 +104,8 @@ class Settings:
 
 # Settings whose value may be a URL with a password.
 _URL_KEYS = frozenset({"lock", "lock_url"})
+# Settings whose value is a secret as a whole: never echoed.
+_SECRET_KEYS = frozenset({"alert_webhook", "web_token"})
 # What a value with a locatable secret looks like: a URL, userinfo, key=value.
 _STRUCTURED = re.compile(r"://|[@=]")
 REDACTED = "<redacted>"
@@ -102,7 +113,9 @@ REDACTED = "<redacted>"
 
 def _shown(key: str, value: object) -> object:
     """``value`` as it may be echoed in an error: masked. A lock_url whose password cannot be
-    located (it does not even look like a URL) is not shown at all."""
+    located (it does not even look like a URL) is not shown at all, nor is a secret."""
+    if key in _SECRET_KEYS:
+        return REDACTED
     if isinstance(value, str):
         masked = mask_url(value)
         if key == "lock_url" and masked == value and not _STRUCTURED.search(value):
@@ -242,6 +255,27 @@ def _empty_database(key: str, value: object, source: str) -> str:
     return text
 
 
+def _webhook(key: str, value: object, source: str) -> str | None:
+    text = _as_str(key, value, source)
+    if not text:
+        return None
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _fail(key, value, source, "an http:// or https:// URL")
+    return text
+
+
+def _positive_seconds(key: str, value: object, source: str) -> float:
+    number = _as_seconds(key, value, source)
+    if number <= 0:
+        raise _fail(key, value, source, "a number of seconds > 0")
+    return number
+
+
+def _token(key: str, value: object, source: str) -> str | None:
+    return _as_str(key, value, source) or None
+
+
 _PARSERS: dict[str, Callable[[str, object, str], Any]] = {
     "lock": _parse_lock,
     "lock_url": _lock_url,
@@ -266,6 +300,12 @@ _PARSERS: dict[str, Callable[[str, object, str], Any]] = {
     "ddl_retries": _count,
     "time_budget": _as_seconds,
     "durations_file": _optional_str,
+    "metrics": _choice(METRICS),
+    "alert_webhook": _webhook,
+    "alert_format": _choice(ALERT_FORMATS),
+    "alert_lock_wait": _as_seconds,
+    "alert_timeout": _positive_seconds,
+    "web_token": _token,
 }
 
 KEYS = tuple(sorted(_PARSERS))
@@ -276,6 +316,8 @@ PRODUCTION_DDL_LOCK_TIMEOUT = 5.0
 
 # Environment variables with this prefix that are not settings keys but are still ours.
 _ENV_ALIASES = {"ALEMBIC_AUTOLOCK_ENV": "environment"}
+# Variables with this prefix that are ours but not settings: the CLI's database URL.
+_ENV_NOT_SETTINGS = frozenset({"ALEMBIC_AUTOLOCK_URL"})
 
 # Where platforms and frameworks put the deployment environment, read in this order when
 # neither the environment setting nor ALEMBIC_AUTOLOCK_ENV says it.
@@ -318,7 +360,7 @@ def resolve_settings(
     from_env: dict[str, Any] = {}
     env_sources: dict[str, str] = {}
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_SETTINGS:
             continue
         key = _ENV_ALIASES.get(name) or name[len(ENV_PREFIX) :].lower()
         if key not in _PARSERS:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -536,8 +537,9 @@ def test_holders_on_mysql_and_redis(
     trace: Any,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`holders --json` names the MySQL holder (connection, user, host) and a waiter blocked
-    in GET_LOCK; for Redis the owner id (host:pid:program) and the remaining TTL."""
+    """`holders --json` names the MySQL holder (connection, process, host, since, user, client)
+    and a waiter blocked in GET_LOCK; for Redis the owner id (host:pid:program) and the
+    remaining TTL."""
     url, settings = target
     ini = make_ini(url, **{**settings, "lock_ttl": 30} if settings else {})
     waiter = None
@@ -562,6 +564,8 @@ def test_holders_on_mysql_and_redis(
     else:
         assert doc["backend"] == "mysql"
         assert held[0]["session"].startswith("connection ")
+        assert held[0]["session"].endswith(f", process {holder.pid} on {socket.gethostname()}")
+        assert held[0]["since"] is not None and not held[0]["since_is_last_activity"]
         assert (held[0]["owner"], held[0]["client"].split(":")[0]) == ("root", "127.0.0.1")
         assert [(h["role"], h["waiting"]) for h in doc["holders"]] == [
             ("lock", False),

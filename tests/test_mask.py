@@ -454,13 +454,13 @@ def test_cli_ini_percent_is_one_failed_line(
 
 
 def test_cli_argument_errors_are_masked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """argparse's "unrecognized arguments" echo of a misplaced --url is masked."""
+    """argparse's "unrecognized arguments" echo of a mistyped option's URL is masked."""
     with pytest.raises(SystemExit) as info:
-        main(["status", "--url", "postgresql://u:S3cr3t@h/db"])
+        main(["status", "--ulr", "postgresql://u:S3cr3t@h/db"])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == (
-        "alembic-autolock: error: unrecognized arguments: --url postgresql://u:***@h/db"
+        "alembic-autolock: error: unrecognized arguments: --ulr postgresql://u:***@h/db"
     )
 
 
@@ -644,7 +644,7 @@ def test_no_output_path_shows_a_secret(
         ["-c", ini_redis, "--url", query_url, "status", "--json"],
         ["-c", ini_lock, "--url", userinfo, "check"],
         ["-c", bad_percent, "status"],
-        ["-c", ini, "status", "--url", userinfo],
+        ["-c", ini, "status", "--ulr", userinfo],
     ):
         proc = subprocess.run(
             [CLI, *argv], capture_output=True, text=True, env=worker_env(), timeout=60, check=False

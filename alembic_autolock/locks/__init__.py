@@ -416,11 +416,9 @@ class MigrationLock:
         announced = False
         retries = 0
         while True:
-            if attempt.designated:
-                attempt = backend.wait_designated(deadline, watch)
             if attempt.got or (watch is not None and watch.done(attempt.heads)):
                 return attempt
-            if not announced:
+            if not announced:  # before the designated waiter's wait too: it may be long
                 announced = True
                 events.emit(
                     events.LOCK_WAITING,
@@ -428,6 +426,10 @@ class MigrationLock:
                     namespace=self.namespace,
                     holders=[h.describe() for h in attempt.holders or () if not h.waiting],
                 )
+            if attempt.designated:
+                attempt = backend.wait_designated(deadline, watch)
+                if attempt.got or (watch is not None and watch.done(attempt.heads)):
+                    return attempt
             if time.monotonic() >= deadline:
                 return attempt
             slow_pause(deadline, first=retries == 0)

@@ -9,6 +9,15 @@ As for PostgreSQL (see ``_session.py`` and ``postgresql.py``), three locks per n
 * the **fence**, held by the holder's migration session for the whole run
   (:class:`MySQLFence`).
 
+MySQL tells who holds a user-level lock only as a connection id, and MariaDB (whose
+performance_schema is off by default) cannot tell more about that connection than its user and
+client address. So the holder's lock session also records, in the table
+``alembic_autolock_holders`` of its database, its connection id, its client address as the
+server sees it, its process and host and since when it holds the lock (best effort: without the
+privilege to create the table, holders are described by connection and client only). A row
+describes a holder only while that connection id still holds the lock from that same client
+address, so a stale row (a holder that died, a server restarted) never names the wrong process.
+
 The server frees a user-level lock when its session ends, so a dead holder never blocks anyone
 for longer than it takes the server to notice the closed socket. Lock names are limited to 64
 characters and are server-wide (not per database), so each name is ``autolock:`` and a hash of
@@ -19,6 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
+import socket
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -51,6 +63,20 @@ _OWNERS_SQL = text(
 )
 _PROCESS_SQL = text(
     "SELECT ID, USER, HOST, TIME, INFO FROM information_schema.PROCESSLIST WHERE ID = :id"
+)
+HOLDERS_TABLE = "alembic_autolock_holders"
+_CREATE_HOLDERS_SQL = text(
+    f"CREATE TABLE IF NOT EXISTS {HOLDERS_TABLE} (connection_id BIGINT NOT NULL PRIMARY KEY, "
+    "client VARCHAR(255) NOT NULL, process VARCHAR(255) NOT NULL, since DOUBLE NOT NULL)"
+)
+_REGISTER_SQL = text(
+    "REPLACE INTO alembic_autolock_holders (connection_id, client, process, since) "
+    "SELECT ID, HOST, :process, :since FROM information_schema.PROCESSLIST "
+    "WHERE ID = CONNECTION_ID()"
+)
+_FORGET_SQL = text("DELETE FROM alembic_autolock_holders WHERE connection_id = CONNECTION_ID()")
+_LOOKUP_SQL = text(
+    "SELECT client, process, since FROM alembic_autolock_holders WHERE connection_id = :id"
 )
 _GET_SQL = text("SELECT GET_LOCK(:name, :wait)")
 _RELEASE_SQL = text("SELECT RELEASE_LOCK(:name)")
@@ -85,6 +111,23 @@ class MySQLLock(SessionLock):
 
     def _unlock(self, conn: Connection) -> None:
         conn.execute(_RELEASE_SQL, {"name": self.lock_name})
+        with contextlib.suppress(DBAPIError):
+            conn.execute(_FORGET_SQL)
+
+    def _on_got(self, conn: Connection) -> None:
+        """Say who holds the lock (see the module docstring); best effort."""
+        try:
+            conn.execute(_CREATE_HOLDERS_SQL)
+            conn.execute(
+                _REGISTER_SQL,
+                {
+                    "process": f"process {os.getpid()} on {socket.gethostname()}",
+                    "since": time.time(),
+                },
+            )
+        except DBAPIError:  # no privilege to create or write it, no database selected
+            if conn.in_transaction():
+                conn.rollback()
 
     def lost(self) -> str | None:
         if self._conn is None or not self._held:
@@ -136,8 +179,19 @@ def holders_on(conn: Connection, lock: str, wait: str, fence: str) -> list[Holde
         if owner is None or int(owner) == int(row.me):
             continue
         process = conn.execute(_PROCESS_SQL, {"id": int(owner)}).mappings().first()
-        found.append(_holder(int(owner), process, role=role))
+        registered = _registered(conn, int(owner)) if role == "lock" else None
+        found.append(_holder(int(owner), process, role=role, registered=registered))
     return found
+
+
+def _registered(conn: Connection, owner: int) -> Any:
+    """What the holder recorded about itself (None if nothing, or no such table)."""
+    try:
+        return conn.execute(_LOOKUP_SQL, {"id": owner}).mappings().first()
+    except DBAPIError:
+        if conn.in_transaction():
+            conn.rollback()
+        return None
 
 
 class MySQLFence(DatabaseFence):
@@ -164,11 +218,23 @@ class MySQLFence(DatabaseFence):
         conn.execute(text("KILL :id"), {"id": holder.session_id})
 
 
-def _holder(owner: int, row: Any, *, role: str) -> Holder:
+def _holder(owner: int, row: Any, *, role: str, registered: Any = None) -> Holder:
     if row is None:
         return Holder(backend="mysql", session=f"connection {owner}", session_id=owner, role=role)
     host = str(row["HOST"] or "")
     waiting = role == "wait"
+    if registered is not None and str(registered["client"]) == host:
+        # the holder's own record, from the same connection and client address
+        return Holder(
+            backend="mysql",
+            role=role,
+            session=f"connection {owner}, {registered['process']}",
+            session_id=owner,
+            owner=str(row["USER"]),
+            owner_kind="user",
+            client=host or None,
+            since=datetime.fromtimestamp(float(registered["since"]), UTC),
+        )
     return Holder(
         backend="mysql",
         waiting=waiting,
