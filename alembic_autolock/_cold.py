@@ -190,7 +190,8 @@ def ensure_migrated(
                 PendingRevision(rev, msg, manual=True) for rev, msg in plan.settled.get(found, ())
             )
             remember(plan, heads, held if held else None)
-            if events.wants("info"):
+            if events.worth(events.CHECK_CURRENT):
+                events.use_context(plan.settings, plan.settings.namespace or "")  # metrics = off
                 events.emit(events.CHECK_CURRENT, database=plan.masked_url, heads=list(heads))
             if held:
                 emit_held_back(plan.masked_url, held, None)

@@ -99,6 +99,17 @@ def wants(level: str = "info") -> bool:
     return _stdlib_logger.disabled or _stdlib_logger.isEnabledFor(_LEVELS[level])
 
 
+def worth(event: str, level: str = "info") -> bool:
+    """Whether emitting ``event`` would reach anything: a logger, a listener, or (before the
+    first event of the process) the metrics that start once prometheus_client is imported. The
+    cold path at head asks, so that a process nobody listens to pays nothing."""
+    if wants(level):
+        return True
+    if not _booted:
+        return "prometheus_client" in sys.modules
+    return bool(_routes.get(event, _wildcard))
+
+
 def emit(event: str, level: str = "info", **fields: Any) -> None:
     """Emit one event (see the module docstring for where it goes)."""
     _log(event, level, fields)

@@ -374,6 +374,7 @@ def _result_doc(result: Any, progress: Progress) -> dict[str, Any]:
     doc = asdict(result)
     doc["applied"] = list(result.applied)
     doc["heads"] = list(result.heads)
+    doc["pending"] = [asdict(p) for p in result.pending]
     doc["migrated_by_other"] = progress.migrated_by_other
     doc["lock_holders_seen"] = progress.waited_for
     return doc

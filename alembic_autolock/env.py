@@ -390,16 +390,20 @@ def _configure_options(
 
 
 def _without_journal(include_name: Any, settings: Settings) -> Callable[..., bool]:
-    """``include_name`` for autogenerate that also leaves out the library's journal table, as
-    Alembic leaves out its version table (else ``alembic revision --autogenerate`` proposes
-    dropping it). The project's own ``include_name``, if any, decides everything else."""
+    """``include_name`` for autogenerate that also leaves out the library's own tables (the
+    journal beside the version table, and on MySQL/MariaDB the lock holders' table), as Alembic
+    leaves out its version table (else ``alembic revision --autogenerate`` proposes dropping
+    them). The project's own ``include_name``, if any, decides everything else."""
     from ._journal import TABLE
+    from .locks.mysql import HOLDERS_TABLE
 
     schema = settings.version_table_schema
 
     def include(name: str | None, type_: str, parent_names: Any) -> bool:
-        if type_ == "table" and name == TABLE and parent_names.get("schema_name") == schema:
-            return False
+        if type_ == "table":
+            where = parent_names.get("schema_name")
+            if (name == TABLE and where == schema) or (name == HOLDERS_TABLE and where is None):
+                return False
         return True if include_name is None else bool(include_name(name, type_, parent_names))
 
     return include

@@ -52,6 +52,7 @@ ALEMBIC = str(BIN / "alembic")
 FLASK = str(BIN / "flask")
 CLI = str(BIN / "alembic-autolock")
 JOURNAL = "alembic_autolock_journal"
+HOLDERS = "alembic_autolock_holders"  # MySQL/MariaDB: who holds the named lock
 FLEET = 8
 
 # --- projects --------------------------------------------------------------------------------
@@ -263,14 +264,14 @@ def schema(
 ) -> dict[str, Any]:
     """What the inspector reads: per table its columns (name, type, nullable, default),
     primary key, foreign keys, unique constraints and indexes; and the version table's rows.
-    The library's own journal table is left out."""
+    The library's own tables (the journal, MySQL's lock holders) are left out."""
     engine = create_engine(url)
     try:
         look = inspect(engine)
         found: dict[str, Any] = {}
         for where in schemas:
             for table in sorted(look.get_table_names(schema=where)):
-                if table == JOURNAL:
+                if table in (JOURNAL, HOLDERS):
                     continue
                 found[f"{where or ''}.{table}"] = {
                     "columns": [

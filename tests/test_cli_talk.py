@@ -188,7 +188,10 @@ def test_exit_codes_and_json_documents(
         "elapsed_s",
         "migrated_by_other",
         "lock_holders_seen",
+        "pending",
+        "command",
     }
+    assert (doc["pending"], doc["command"]) == ([], None)
     code, doc = run("history")
     assert code == 0
     assert [(r["revision"], r["applied"], r["current"], r["head"]) for r in doc["revisions"]] == [
