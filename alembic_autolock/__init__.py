@@ -5,8 +5,9 @@
     from alembic_autolock import ensure_migrated
     ensure_migrated(engine)   # exactly one process migrates; the others wait and go on
 
-Importing the package imports neither Alembic nor the runner: ``ensure_migrated`` answers a
-database at head without them (``_cold.py``). The other entry points are imported on first use.
+Importing the package imports neither SQLAlchemy nor Alembic (a command-line check or a pytest
+plugin that only imports it pays nothing for them); ``ensure_migrated`` answers a database at head
+without Alembic (``_cold.py``). Every entry point is imported on first use.
 """
 
 from __future__ import annotations
@@ -14,9 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._cold import ensure_migrated
 from ._events import subscribe
-from ._lazy import install
 from ._results import Holder, MigrationResult, PendingRevision, Status
 from .exceptions import (
     AutolockError,
@@ -42,10 +41,14 @@ if TYPE_CHECKING:  # the names below are imported on first use (see __getattr__)
         status_async,
         upgrade_async,
     )
+    from ._cold import ensure_migrated
+    from ._lazy import install
     from ._migration_lock import migration_lock
     from ._runner import downgrade, durations, status, upgrade
 
 _ON_FIRST_USE = {
+    "ensure_migrated": "._cold",
+    "install": "._lazy",
     "downgrade": "._runner",
     "durations": "._runner",
     "status": "._runner",

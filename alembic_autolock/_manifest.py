@@ -140,6 +140,11 @@ def _settled(data: dict[str, Any]) -> Settled:
     }
 
 
+# The key, in an Alembic Config's ``attributes``, that says it was read from its files and not
+# changed since (the command line's Config), so that a full load may write the manifest.
+FROM_FILES = "alembic_autolock.from_files"
+
+
 class Recorder:
     """Takes the digest before a full load, and writes the manifest after it."""
 

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+if TYPE_CHECKING:  # SQLAlchemy is imported when a URL is parsed, not with this module (the
+    # CLI's fast check and a cold start at head mask nothing)
+    from sqlalchemy.engine import URL
 
 from .exceptions import ConfigError
 
@@ -89,9 +90,9 @@ def mask_url(url: str | URL) -> str:
     made from it mask alike); any other text keeps its form, with every secret found replaced.
     Masking a masked value changes nothing.
     """
-    if isinstance(url, URL):
+    if not isinstance(url, str):
         return _render_masked(url)
-    text = str(url)
+    text = url
     parsed = _parse_quietly(text)
     if parsed is not None:
         return _render_masked(parsed)
@@ -124,7 +125,7 @@ def url_secrets(*urls: str | URL | None) -> list[str]:
     for url in urls:
         if url is None:
             continue
-        parsed = url if isinstance(url, URL) else _parse_quietly(url)
+        parsed = _parse_quietly(url) if isinstance(url, str) else url
         if parsed is not None:
             found.extend(_parsed_secrets(parsed))
         if isinstance(url, str):
@@ -137,6 +138,9 @@ def url_secrets(*urls: str | URL | None) -> list[str]:
 def parse_url(text: str, what: str, *, key: str | None = None, source: str | None = None) -> URL:
     """``make_url(text)``, with a malformed URL or a port that is not a number turned into a
     ConfigError that names ``what`` (e.g. ``"--url"``) and shows the URL masked."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         return make_url(text)
     except ArgumentError:
@@ -163,6 +167,9 @@ def _parse_quietly(text: str) -> URL | None:
     match = re.match(_SQLALCHEMY_URL, text)
     if match is None or match.end() != len(text):
         return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         return make_url(text)
     except (ArgumentError, ValueError):  # a port that is not a number

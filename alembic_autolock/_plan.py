@@ -128,7 +128,11 @@ def prepare(engine: Engine, config: ConfigLike, overrides: Mapping[str, Any]) ->
 
     def digest_first(script: ScriptDirectory) -> None:
         nonlocal recorder
-        if config is None or isinstance(config, str | os.PathLike):  # read from files only
+        if (
+            config is None
+            or isinstance(config, str | os.PathLike)
+            or config.attributes.get(manifest.FROM_FILES)  # the CLI's: files, -x url only
+        ):
             recorder = manifest.Recorder(
                 LightConfig(cfg.config_file_name, cfg.toml_file_name),
                 settings.cache_dir,

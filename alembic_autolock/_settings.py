@@ -17,9 +17,6 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
-
 from ._config import config_sections
 from ._mask import mask_text, mask_url
 from .exceptions import ConfigError
@@ -239,6 +236,9 @@ def _lock_url(key: str, value: object, source: str) -> str | None:
     expected = "an SQLAlchemy URL such as postgresql://user:password@host:5432/db"
     if "://" not in text:
         raise _fail(key, value, source, expected)
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
     try:
         make_url(text)
     except (ArgumentError, ValueError):  # a port that is not a number

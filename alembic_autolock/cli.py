@@ -293,6 +293,11 @@ def _config(args: argparse.Namespace) -> Any:
 
     cfg = load_config(args.config, environ=os.environ)
     cfg.cmd_opts = argparse.Namespace(x=args.x or [])
+    if not any(not x.startswith("url=") for x in args.x or []):
+        # read from its files only: a full load keeps the manifest that `check` answers from
+        from ._manifest import FROM_FILES
+
+        cfg.attributes[FROM_FILES] = True
     return cfg
 
 
@@ -514,17 +519,60 @@ def _check_doc(st: Any, code: int) -> dict[str, Any]:
         "current_heads": list(st.current_heads),
         "script_heads": list(st.script_heads),
         "unknown_heads": list(st.unknown_heads),
-        "pending": [{"revision": p.revision, "message": p.message} for p in st.pending],
+        "pending": [
+            {"revision": p.revision, "message": p.message, "manual": p.manual} for p in st.pending
+        ],
         "exit_code": code,
     }
 
 
+def _fast_check(args: argparse.Namespace, out: Output) -> int | None:
+    """The readiness probe's answer at head without SQLAlchemy or Alembic (``_fastcheck.py``):
+    EXIT_OK once printed, else None (the full path answers, with its words and exit codes)."""
+    if any(not x.startswith("url=") for x in args.x or []):
+        return None
+    try:
+        from ._config import light_config
+        from ._fastcheck import database_heads
+        from ._manifest import lookup
+        from ._settings import resolve_settings
+
+        cfg = light_config(args.config, environ=os.environ)
+        if cfg is None:
+            return None
+        settings = resolve_settings({}, cfg)
+        found = lookup(cfg, settings.cache_dir)
+        url = database_url(args, cfg)[0] if found is not None else None
+        if found is None or not url:
+            return None
+        heads = database_heads(url, settings.version_table, settings.version_table_schema)
+    except Exception:  # whatever it is, the full path meets it again and says what it is
+        return None
+    if heads is None or heads != found[1]:
+        return None
+    current = sorted(heads)
+    doc = {
+        "at_head": True,
+        "ahead": False,
+        "current_heads": current,
+        "script_heads": current,
+        "unknown_heads": [],
+        "pending": [],
+        "exit_code": EXIT_OK,
+    }
+    out.result(doc, f"at head: {', '.join(current)}")
+    return EXIT_OK
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 if the database is at head, 1 if revisions are pending, 2 if it is ahead of
-    these scripts or on error."""
-    from . import _runner
-
+    these scripts or on error. With --allow-manual, revisions kept for a job (autolock_manual)
+    and those after them do not count as pending: exit 0 where start-up has nothing to do."""
     out = Output(args)
+    fast = _fast_check(args, out)
+    if fast is not None:
+        return fast
+    from . import _runner
 
     def run(engine: Any, cfg: Any) -> int:
         st = _runner.status(engine, config=cfg)
@@ -539,10 +587,15 @@ def cmd_check(args: argparse.Namespace) -> int:
                 stream=sys.stderr,
             )
             return EXIT_ERROR
-        out.result(
-            _check_doc(st, EXIT_PENDING),
-            f"{len(st.pending)} pending: {', '.join(p.revision for p in st.pending)}",
-        )
+        listed = ", ".join(p.revision + (" (manual)" if p.manual else "") for p in st.pending)
+        if args.allow_manual and all(p.manual for p in st.pending):
+            out.result(
+                _check_doc(st, EXIT_OK),
+                f"at the start-up head: {', '.join(st.current_heads) or 'no revision'}; "
+                f"kept for a job: {listed}",
+            )
+            return EXIT_OK
+        out.result(_check_doc(st, EXIT_PENDING), f"{len(st.pending)} pending: {listed}")
         return EXIT_PENDING
 
     return _with_engine(args, run)
@@ -696,12 +749,39 @@ def cmd_resolve(args: argparse.Namespace) -> int:
     return _with_engine(args, run)
 
 
+def cmd_durations(args: argparse.Namespace) -> int:
+    """Print how long each revision took when it was applied to this database (from the
+    library's journal). The --json document is what the durations_file setting reads: carry a
+    staging database's durations to production so that time_budget knows them."""
+    from . import _runner
+
+    out = Output(args)
+
+    def run(engine: Any, cfg: Any) -> int:
+        from ._mask import mask_url
+
+        found = _runner.durations(engine, config=cfg)
+        doc = {
+            "database": mask_url(engine.url),
+            "durations": {rev: round(seconds, 3) for rev, seconds in sorted(found.items())},
+        }
+        lines = [f"{rev}  {seconds:.2f}s" for rev, seconds in sorted(found.items())] or [
+            "no durations recorded: a revision's time is recorded when a run of this library "
+            "applies it"
+        ]
+        out.result(doc, *lines)
+        return EXIT_OK
+
+    return _with_engine(args, run)
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     """List the revisions, newest first, each marked applied [x] or pending [ ], with the
     database's current revision and the heads."""
     from alembic.script import ScriptDirectory
 
     from . import _runner
+    from ._startup import _flagged
 
     def run(engine: Any, cfg: Any) -> int:
         st = _runner.status(engine, config=cfg)
@@ -720,6 +800,7 @@ def cmd_history(args: argparse.Namespace) -> int:
                     "applied": None if st.unknown_heads else rev.revision not in pending,
                     "current": rev.revision in st.current_heads,
                     "head": rev.is_head,
+                    "manual": _flagged(rev.module),
                 }
             )
         doc = {
@@ -736,7 +817,8 @@ def cmd_history(args: argparse.Namespace) -> int:
             )
         for r in revisions:
             mark = "[?]" if r["applied"] is None else ("[x]" if r["applied"] else "[ ]")
-            tags = [t for t, on in (("current", r["current"]), ("head", r["head"])) if on]
+            flags = (("current", r["current"]), ("head", r["head"]), ("manual", r["manual"]))
+            tags = [t for t, on in flags if on]
             tag = f" ({', '.join(tags)})" if tags else ""
             lines.append(f"{mark} {r['revision']}{tag}  {r['message'] or ''}".rstrip())
         Output(args).result(doc, *lines)
@@ -909,7 +991,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_downgrade.add_argument("--sql", action="store_true", help=sql_help)
     add("status", cmd_status)
-    add("check", cmd_check)
+    add("check", cmd_check).add_argument(
+        "--allow-manual",
+        action="store_true",
+        help="exit 0 when only revisions kept for a job (autolock_manual) are pending",
+    )
     p_wait = add("wait", cmd_wait)
     p_wait.add_argument(
         "--timeout",
@@ -942,6 +1028,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--not-applied", dest="applied", action="store_false", help="its changes were undone"
     )
     add("history", cmd_history)
+    add("durations", cmd_durations)
     add("init", cmd_init).add_argument(
         "directory", help="the directory to create (as alembic init)"
     )
