@@ -195,12 +195,14 @@ def pg_components(url: str, engine: Engine, namespace: str, n: int, warm: int) -
     ]
     # the statements PostgresLock runs on its session, replayed on the raw driver (private
     # constants: a rename there must fail here, loudly)
-    bind = re.compile(r":(key|marker|lock_name|wait_name)\b")
+    bind = re.compile(r"(?<!:):(key|wkey|marker|lock_name|wait_name)\b")
     try_sql, unlock_sql = (
         bind.sub(r"%(\1)s", str(sql)) for sql in (pg_lock._TRY_SQL, pg_lock._UNLOCK_SQL)
     )
+    key, wkey, _ = pg_lock.keys(namespace + ":replay")
     values = {
-        "key": pg_lock.advisory_key(namespace + ":replay"),
+        "key": key,
+        "wkey": wkey,
         "marker": "autolock.held_replay",
         "lock_name": "autolock:lock",
         "wait_name": "autolock:wait",
