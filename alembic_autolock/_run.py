@@ -37,7 +37,14 @@ from ._plan import ancestors, clone_config, keep_loggers_enabled
 from ._session_settings import lock_timed_out, migration_settings
 from ._settings import Settings
 from ._wait import pause
-from .exceptions import AutolockError, ConfigError, GateClosed, LockLost, MigrationFailed
+from .exceptions import (
+    AutolockError,
+    ConfigError,
+    DatabaseUnavailable,
+    GateClosed,
+    LockLost,
+    MigrationFailed,
+)
 from .locks import MigrationLock, ProcessOnlyLock
 from .locks._session import close, open_side_connection
 
@@ -317,6 +324,26 @@ def heads_now(
     return read_heads(engine, settings, masked_url, deadline=time.monotonic() + settings.timeout)
 
 
+def heads_under_lock(
+    lock: MigrationLock, engine: Engine, settings: Settings, masked_url: str
+) -> tuple[str, ...]:
+    """The second look, which decides whether to migrate: the heads read while the lock is
+    still ours. Where the lock lives in the database they are read on the lock's own session,
+    and a session that fails means the lock is gone (LockLost), never a reason to read on
+    another connection and carry on; elsewhere the backend is asked first."""
+    session = lock.backend.session()
+    if session is None:
+        lock.require_held()
+        return read_heads(
+            engine, settings, masked_url, deadline=time.monotonic() + settings.timeout
+        )
+    try:
+        return heads_on(session, settings)
+    except (SQLAlchemyError, DatabaseUnavailable) as exc:
+        reason = lock.lost() or f"the lock session failed ({type(exc).__name__})"
+        raise lock.lost_error(reason, revision=None, applied=[]) from exc
+
+
 def _truth(
     tracker: Tracker, script: Any, engine: Engine, settings: Settings, masked_url: str
 ) -> tuple[tuple[str, ...] | None, list[str], str]:
@@ -557,13 +584,19 @@ def migration_session(
         open_journal(lock, engine, settings) as journal,
     ):
         if journal is not None and script is not None:
-            # read after the fence: an earlier holder's session may have committed meanwhile
-            have = ancestors(script, heads_on(journal.connection(), settings))
+            try:
+                # read after the fence: an earlier holder's session may have committed meanwhile
+                have = ancestors(script, heads_on(journal.connection(), settings))
 
-            def applied(revision: str, direction: str) -> bool:
-                return all((r in have) == (direction == "upgrade") for r in revision.split(","))
+                def applied(revision: str, direction: str) -> bool:
+                    return all((r in have) == (direction == "upgrade") for r in revision.split(","))
 
-            journal.check(applied, resolve_hint=RESOLVE_COMMAND)
+                journal.check(applied, resolve_hint=RESOLVE_COMMAND)
+            except (SQLAlchemyError, DatabaseUnavailable) as exc:
+                reason = lock.lost()  # the journal lives on the lock's session where it can
+                if reason is None:
+                    raise
+                raise lock.lost_error(reason, revision=None, applied=[]) from exc
         yield journal
 
 

@@ -29,7 +29,7 @@ from ._run import (
     DDLRetries,
     _summary,
     gate_downgrade,
-    heads_now,
+    heads_under_lock,
     open_journal,
     relative_destination,
     run_alembic,
@@ -266,7 +266,7 @@ def refresh_pool(engine: Engine, settings: Settings, masked_url: str) -> None:
 
 
 def _second_look(lock: MigrationLock, engine: Engine, plan: Plan) -> tuple[str, ...]:
-    return heads_now(lock, engine, plan.settings, plan.masked_url)
+    return heads_under_lock(lock, engine, plan.settings, plan.masked_url)
 
 
 def _migrate(
@@ -289,10 +289,10 @@ def _migrate(
     lock, migration_engine = make_lock(engine, s, plan.namespace)
     watch = _watch(engine, plan, settle) if settle is not None else None
     acquired = lock.acquire(watch, first=first)
-    if not acquired.held:
-        return _done_by_other(engine, plan, acquired.heads or (), acquired.waited_s, started)
-    waited = acquired.waited_s
-    try:
+    try:  # at once: whatever interrupts the run from here releases the lock (idempotent)
+        if not acquired.held:
+            return _done_by_other(engine, plan, acquired.heads or (), acquired.waited_s, started)
+        waited = acquired.waited_s
         heads = _second_look(lock, engine, plan)
         if settle is not None and settle(heads):
             return _done_by_other(engine, plan, heads, waited, started)

@@ -126,13 +126,23 @@ class Fence(Protocol):
 
     name: str
 
-    def take(self, conn: Connection, *, wait: float, role_name: str | None) -> None:
+    def take(
+        self,
+        conn: Connection,
+        *,
+        wait: float,
+        role_name: str | None,
+        still_held: Callable[[], None] | None = None,
+    ) -> None:
         """Take the fence on the migration connection ``conn``.
 
         If a previous migration session holds it, wait up to ``wait`` seconds for that session
-        to end, then end it. ``role_name`` names the session (only on a connection the library
-        opened). A connection that was outside a transaction is left outside one (so Alembic
-        still owns its transactions); one inside its caller's transaction is left inside it."""
+        to end, then end it, but only after ``still_held()`` (which raises LockLost when the
+        lock is gone) says this process still holds the lock: a holder that lost its lock
+        while it waited would otherwise end its successor's migration session. ``role_name``
+        names the session (only on a connection the library opened). A connection that was
+        outside a transaction is left outside one (so Alembic still owns its transactions); one
+        inside its caller's transaction is left inside it."""
 
     def release(self, conn: Connection) -> None:
         """Give the fence back (best effort: the session's end frees it too)."""
@@ -355,24 +365,27 @@ class MigrationLock:
             if first is not None:
                 first.close()
             raise
+        # Whatever interrupts taking the lock (SystemExit from a SIGTERM handler, a
+        # KeyboardInterrupt, a listener of lock.acquired) releases what was taken: the
+        # process-local lock, the lock and the designation.
         try:
             attempt = self._wait(watch, first, deadline)
             if not attempt.got and not (watch is not None and watch.done(attempt.heads)):
                 self._timeout(start)
+            self.waited_s = time.monotonic() - start
+            if not attempt.got:
+                self._release_process_lock()
+                return Acquired(False, self.waited_s, attempt.heads)
+            events.emit(
+                events.LOCK_ACQUIRED,
+                backend=self.backend.name,
+                namespace=self.namespace,
+                waited_s=round(self.waited_s, 4),
+            )
         except BaseException:
             self.backend.release()
             self._release_process_lock()
             raise
-        self.waited_s = time.monotonic() - start
-        if not attempt.got:
-            self._release_process_lock()
-            return Acquired(False, self.waited_s, attempt.heads)
-        events.emit(
-            events.LOCK_ACQUIRED,
-            backend=self.backend.name,
-            namespace=self.namespace,
-            waited_s=round(self.waited_s, 4),
-        )
         return Acquired(True, self.waited_s)
 
     def _take_process_lock(self, start: float, *, wait: bool) -> bool:
@@ -500,6 +513,14 @@ class MigrationLock:
     def lost(self) -> str | None:
         return self.backend.lost()
 
+    def require_held(self) -> None:
+        """Raise LockLost if the lock is gone (asking the backend now, whatever ``check``'s
+        pace)."""
+        reason = self.lost()
+        if reason is not None:
+            raise self.lost_error(reason, revision=None, applied=[])
+        self._checked_at = time.monotonic()
+
     def lost_error(
         self,
         reason: str,
@@ -535,8 +556,11 @@ class MigrationLock:
             yield conn
             return
         name = owner_tag("migrate", _hint(self.namespace)) if owned else None
-        self.fence.take(conn, wait=wait, role_name=name)
+        self.fence.take(conn, wait=wait, role_name=name, still_held=self.require_held)
         try:
+            # the lock may have gone while the fence was awaited: then the fence may be the
+            # successor's to take, and nothing of this run may start
+            self.require_held()
             yield conn
         finally:
             self.fence.release(conn)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -360,7 +360,14 @@ class DatabaseFence:
             with contextlib.suppress(DBAPIError):  # it may have ended meanwhile
                 self._end_one(conn, holder)
 
-    def take(self, conn: Connection, *, wait: float, role_name: str | None) -> None:
+    def take(
+        self,
+        conn: Connection,
+        *,
+        wait: float,
+        role_name: str | None,
+        still_held: Callable[[], None] | None = None,
+    ) -> None:
         from .. import _events as events
         from ..exceptions import LockTimeout
 
@@ -388,6 +395,8 @@ class DatabaseFence:
             if attempt():
                 events.emit(events.ORPHAN_GONE, namespace=self.namespace, sessions=described)
                 return
+        if still_held is not None:
+            still_held()  # LockLost: the session that holds the fence may be the successor's
         for holder in self.holders(conn):
             events.emit(
                 events.ORPHAN_TERMINATED,

@@ -18,6 +18,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from sqlalchemy.engine import URL, Connection
@@ -187,7 +188,14 @@ class FileFence:
         self.path = path
         self._flock = _Flock(path)
 
-    def take(self, conn: Connection, *, wait: float, role_name: str | None) -> None:
+    def take(
+        self,
+        conn: Connection,
+        *,
+        wait: float,
+        role_name: str | None,
+        still_held: Callable[[], None] | None = None,
+    ) -> None:
         backoff = Backoff(wait, first=0.01, cap=0.1)
         while not self._flock.try_lock():
             if not backoff.sleep():

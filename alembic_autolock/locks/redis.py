@@ -145,6 +145,7 @@ class RedisLock:
         self._lock: _RenewingLock | None = None
         self._waiter_id: str | None = None
         self._unreachable: BaseException | None = None
+        self._maybe_held = False
 
     def _new_lock(self) -> _RenewingLock:
         _install_quiet_filter()
@@ -161,7 +162,12 @@ class RedisLock:
     def _try(self) -> bool:
         if self._lock is None:
             self._lock = self._new_lock()
-        return bool(self._lock.acquire(blocking=False))
+        # Until acquire() returns, the key may be ours without a renewer yet (SystemExit from a
+        # SIGTERM handler between its SET and the renewer's start): release() deletes it then.
+        self._maybe_held = True
+        got = bool(self._lock.acquire(blocking=False))
+        self._maybe_held = got
+        return got
 
     def attempt(self, watch: Watch | None, *, first: Any, describe: bool) -> Attempt:
         if first is not None:
@@ -231,8 +237,9 @@ class RedisLock:
     def release(self) -> None:
         self._end_designation()
         lock, self._lock = self._lock, None
+        maybe, self._maybe_held = self._maybe_held, False
         try:
-            if lock is not None and lock._lock_renewal_thread is not None:
+            if lock is not None and (lock._lock_renewal_thread is not None or maybe):
                 lock.release()  # stops the renewer, then deletes the key if it is still ours
         except (redis_lock.NotAcquired, redis.RedisError):
             pass  # expired, taken or unreachable: lost() has already said so before each step
