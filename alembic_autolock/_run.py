@@ -119,6 +119,10 @@ class Tracker:
     step_statements: int = 0
     # seconds each revision of this run took, in order
     durations: dict[str, float] = field(default_factory=dict)
+    # journal entries of revisions whose step ended inside the run's transaction (transaction
+    # = all): finished only once that transaction committed (see ``committed``)
+    uncommitted: list[int] = field(default_factory=list)
+    _migrating: Connection | None = None
     _step_started: float = 0.0
     _stamp: bool = False
 
@@ -133,6 +137,7 @@ class Tracker:
                     "config.attributes['connection'] to context.configure()."
                 )
             self.started_heads = tuple(sorted(heads))
+            self._migrating = context.connection
             try:
                 if self.bootstrap is not None and not heads:
                     steps = self._create_all(context)
@@ -251,9 +256,26 @@ class Tracker:
         self.done.append(self.current)
         self.current = None
         entry, self.entry = self.entry, None
-        if entry is not None and self.journal is not None:
-            # the step is committed: if this write is lost, the next holder finds the
-            # revision in the version table and closes the entry itself
+        if entry is None or self.journal is None:
+            return
+        if self._migrating is not None and self._migrating.in_transaction():
+            # transaction = all: the version table shows this step only once the run's
+            # transaction commits; until then a crash or a failure of a later revision rolls
+            # that back while what ran outside the transaction stays. The entry stays open.
+            self.uncommitted.append(entry)
+            return
+        # the step is committed: if this write is lost, the next holder finds the
+        # revision in the version table and closes the entry itself
+        self.journal.finish(entry)
+
+    def committed(self) -> None:
+        """The run's transaction committed: finish the entries that waited for it."""
+        if self.journal is None or not self.uncommitted:
+            return
+        if self._migrating is not None and self._migrating.in_transaction():
+            return  # a caller's transaction, still open: the next holder closes them
+        entries, self.uncommitted = self.uncommitted, []
+        for entry in entries:
             self.journal.finish(entry)
 
     def next_revision(self) -> str | None:
@@ -733,8 +755,12 @@ class DDLRetries:
 
 
 def record_durations(journal: Journal | None, tracker: Tracker) -> None:
-    """Keep how long each revision of a committed run took, for ``time_budget`` (best effort:
-    a run that succeeded is not failed by its bookkeeping)."""
+    """After a run committed: finish the journal entries that waited for the commit, and keep
+    how long each revision took, for ``time_budget`` (best effort: a run that succeeded is not
+    failed by its bookkeeping; an entry left open is closed by the next holder, which finds
+    its revision in the version table)."""
+    with contextlib.suppress(SQLAlchemyError):
+        tracker.committed()
     if journal is not None and tracker.durations:
         with contextlib.suppress(SQLAlchemyError):
             journal.record_durations(tracker.durations, tracker.direction)
