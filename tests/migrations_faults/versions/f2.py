@@ -16,6 +16,7 @@ depends_on = None
 
 def upgrade() -> None:
     behaviour.begin(revision)
+    behaviour.pause(revision, "start")  # inside the run's transaction, before the backfill
     with op.get_context().autocommit_block():
         for batch in range(3):
             behaviour.run(
