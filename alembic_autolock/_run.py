@@ -174,7 +174,7 @@ class Tracker:
                         and not self.transactional
                         and not step.info.is_stamp
                     ):
-                        self.entry = self.journal.start(rev, self.direction)
+                        self._start_entry(rev)
                     self.step_statements = 0
                     self._stamp = bool(step.info.is_stamp)
                     yield step
@@ -235,11 +235,20 @@ class Tracker:
         @contextmanager
         def journalled() -> Iterator[None]:
             if journal is not None and self.entry is None and self.current is not None:
-                self.entry = journal.start(self.current, self.direction, "autocommit_block")
+                self._start_entry(self.current, "autocommit_block")
             with original():
                 yield
 
         context.autocommit_block = journalled
+
+    def _start_entry(self, revision: str, detail: str | None = None) -> None:
+        """Journal ``revision`` as started, once the lock is known to be held now (not at
+        ``check``'s pace): work that no transaction can undo never begins, nor leaves an entry
+        that makes the next run refuse, in a holder whose lock is already gone."""
+        if self.lock is not None:
+            self.lock.require_held()
+        if self.journal is not None:
+            self.entry = self.journal.start(revision, self.direction, detail)
 
     def _finish_current(self) -> None:
         if self.current is None:
