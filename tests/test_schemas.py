@@ -1,0 +1,196 @@
+"""Schema per tenant (alembic_autolock.schemas): one schema's own version table, journal, lock and
+cached answer; migrate_schemas and `alembic-autolock schemas upgrade` over many, on real
+PostgreSQL and real processes.
+
+The history is tests/migrations_tenants (a1, a2, a3): each revision body appends
+"<rev>\t<schema>\t<pid>" to the trace file before its DDL, <schema> being the session's
+current_schema(), so the file proves which schema each body ran in and how often.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+from support import REPO, heads_of, worker_env
+
+from alembic_autolock import (
+    LockTimeout,
+    ensure_migrated,
+    upgrade,
+)
+
+TENANTS = REPO / "tests" / "migrations_tenants"
+REVS = ["a1", "a2", "a3"]
+
+
+@pytest.fixture
+def tenant_ini(tmp_path: Path) -> Any:
+    """Write an alembic.ini for the tenant history: tenant_ini(url, **autolock_settings)."""
+    counter = iter(range(1000))
+
+    def make(url: str, **settings: Any) -> str:
+        path = tmp_path / f"tenants{next(counter)}.ini"
+        lines = [
+            "[alembic]",
+            f"script_location = {TENANTS}",
+            f"prepend_sys_path = {TENANTS}",
+            "path_separator = os",
+            f"sqlalchemy.url = {url.replace('%', '%%')}",
+            "",
+            "[alembic_autolock]",
+            *(f"{k} = {v}" for k, v in settings.items()),
+            "",
+        ]
+        path.write_text("\n".join(lines))
+        return str(path)
+
+    return make
+
+
+def create_schemas(url: str, *names: str) -> None:
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            for name in names:
+                quoted = engine.dialect.identifier_preparer.quote_identifier(name)
+                conn.execute(text(f"CREATE SCHEMA {quoted}"))
+    finally:
+        engine.dispose()
+
+
+def traced(trace: Any) -> list[list[str]]:
+    """[revision, schema, pid] of every revision body that started, in order."""
+    if not trace.path.exists():
+        return []
+    return [line.split("\t") for line in trace.path.read_text().splitlines()]
+
+
+def bodies(trace: Any) -> list[tuple[str, str]]:
+    """(revision, schema) of every revision body that started, in order."""
+    return [(rev, schema) for rev, schema, _ in traced(trace)]
+
+
+def tables(url: str, schema: str) -> list[str]:
+    engine = create_engine(url)
+    try:
+        return sorted(inspect(engine).get_table_names(schema=schema))
+    finally:
+        engine.dispose()
+
+
+def account_name(url: str, schema: str) -> str | None:
+    """The row a1 writes: the schema the revision ran in, as current_schema() saw it."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            quoted = engine.dialect.identifier_preparer.quote_identifier(schema)
+            return conn.execute(text(f"SELECT name FROM {quoted}.accounts")).scalar()
+    finally:
+        engine.dispose()
+
+
+TENANT_TABLES = ["accounts", "alembic_autolock_journal", "alembic_version", "invoices"]
+
+
+# --- one schema: ensure_migrated(engine, schema=...) ------------------------------------------
+
+
+def test_two_schemas_at_different_revisions_each_keep_their_own_version_table(
+    pg_url: str, tenant_ini: Any, make_engine: Any, trace: Any
+) -> None:
+    """A schema at head answers from its own version table (and then from the cache); a schema
+    of the same engine at a1 is migrated, not answered from the other's cached answer; nothing
+    lands in public."""
+    create_schemas(pg_url, "tenant_a", "tenant_b")
+    ini = tenant_ini(pg_url)
+    engine = make_engine(pg_url)
+    assert upgrade(engine, config=ini, schema="tenant_a").applied == ("a1", "a2", "a3")
+    assert upgrade(engine, "a1", config=ini, schema="tenant_b").applied == ("a1",)
+
+    assert ensure_migrated(engine, config=ini, schema="tenant_a").action == "current"
+    assert ensure_migrated(engine, config=ini, schema="tenant_a").action == "cached"
+    b = ensure_migrated(engine, config=ini, schema="tenant_b")
+    assert (b.action, b.applied, b.heads) == ("upgraded", ("a2", "a3"), ("a3",))
+    assert ensure_migrated(engine, config=ini, schema="tenant_b").action == "cached"
+
+    assert bodies(trace) == [
+        ("a1", "tenant_a"),
+        ("a2", "tenant_a"),
+        ("a3", "tenant_a"),
+        ("a1", "tenant_b"),
+        ("a2", "tenant_b"),
+        ("a3", "tenant_b"),
+    ]
+    assert heads_of(pg_url, schema="tenant_a") == heads_of(pg_url, schema="tenant_b") == {"a3"}
+    assert tables(pg_url, "tenant_a") == tables(pg_url, "tenant_b") == TENANT_TABLES
+    assert tables(pg_url, "public") == []
+
+
+def test_a_holder_of_one_schema_s_lock_does_not_block_another_schema(
+    pg_url: str, tenant_ini: Any, make_engine: Any
+) -> None:
+    """Another process holds tenant_a's migration lock: tenant_b migrates at once, tenant_a
+    times out naming that process."""
+    create_schemas(pg_url, "tenant_a", "tenant_b")
+    ini = tenant_ini(pg_url)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\n"
+            "from alembic_autolock import migration_lock\n"
+            "with migration_lock(sys.argv[1], config=sys.argv[2], schema='tenant_a'):\n"
+            "    print('held', flush=True)\n"
+            "    sys.stdin.read()\n",
+            pg_url,
+            ini,
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=worker_env(),
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        engine = make_engine(pg_url)
+        b = ensure_migrated(engine, config=ini, schema="tenant_b", timeout=20)
+        assert (b.action, b.applied) == ("upgraded", ("a1", "a2", "a3"))
+        with pytest.raises(LockTimeout) as info:
+            ensure_migrated(engine, config=ini, schema="tenant_a", timeout=0.5)
+        assert str(holder.pid) in str(info.value)
+        assert heads_of(pg_url, schema="tenant_a") == set()
+    finally:
+        holder.communicate("", timeout=30)
+    assert ensure_migrated(make_engine(pg_url), config=ini, schema="tenant_a").action == "upgraded"
+
+
+def test_threads_migrating_different_schemas_keep_each_revision_in_its_schema(
+    pg_url: str, tenant_ini: Any, make_engine: Any, trace: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four threads of one process migrate four schemas at once (Alembic's op and context are
+    process-wide): every revision body ran once, in its own schema, and each schema's first
+    row names that schema."""
+    names = [f"tenant_{i}" for i in range(4)]
+    create_schemas(pg_url, *names)
+    monkeypatch.setenv("AUTOLOCK_TEST_SLEEP", "0.05")
+    ini = tenant_ini(pg_url)
+    engine = make_engine(pg_url)
+    go = threading.Barrier(len(names))
+
+    def migrate(schema: str) -> str:
+        go.wait()
+        return ensure_migrated(engine, config=ini, schema=schema).action
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        assert list(pool.map(migrate, names)) == ["upgraded"] * 4
+    assert sorted(bodies(trace)) == sorted((rev, name) for name in names for rev in REVS)
+    for name in names:
+        assert (account_name(pg_url, name), heads_of(pg_url, schema=name)) == (name, {"a3"})
+        assert tables(pg_url, name) == TENANT_TABLES
