@@ -12,6 +12,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,14 @@ from sqlalchemy import create_engine, inspect, text
 from support import REPO, heads_of, worker_env
 
 from alembic_autolock import (
+    ConfigError,
     LockTimeout,
+    MigrationFailed,
     ensure_migrated,
+    migrate_schemas,
     upgrade,
 )
+from alembic_autolock._mask import mask_url
 
 TENANTS = REPO / "tests" / "migrations_tenants"
 REVS = ["a1", "a2", "a3"]
@@ -194,3 +199,124 @@ def test_threads_migrating_different_schemas_keep_each_revision_in_its_schema(
     for name in names:
         assert (account_name(pg_url, name), heads_of(pg_url, schema=name)) == (name, {"a3"})
         assert tables(pg_url, name) == TENANT_TABLES
+
+
+# --- migrate_schemas ---------------------------------------------------------------------------
+
+
+def test_migrate_schemas_reports_each_schema_and_a_rerun_does_only_what_remains(
+    pg_url: str, tenant_ini: Any, make_engine: Any, trace: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A revision fails in one tenant: the others are migrated, the report names the failed
+    one with its error; once fixed, a rerun migrates only that one."""
+    names = [f"tenant_{i}" for i in range(6)]
+    create_schemas(pg_url, *names)
+    ini = tenant_ini(pg_url)
+    engine = make_engine(pg_url)
+    monkeypatch.setenv("AUTOLOCK_TEST_FAIL_SCHEMA", "tenant_3")
+
+    report = migrate_schemas(engine, names, config=ini, parallel=3)
+    assert list(report) == names  # the order given, whatever order they ran in
+    assert [r.schema for r in report.failed] == ["tenant_3"]
+    assert report.counts() == {"failed": 1, "upgraded": 5}
+    error = report["tenant_3"]
+    assert isinstance(error, MigrationFailed) and error.revision == "a2"
+    entry = report.as_dict()["schemas"][3]
+    assert (entry["schema"], entry["ok"], entry["action"]) == ("tenant_3", False, "failed")
+    assert entry["error"]["type"] == "MigrationFailed"
+    assert "failed on purpose in schema tenant_3" in entry["error"]["message"]
+    for name in names:
+        expected = set() if name == "tenant_3" else {"a3"}  # one transaction: all rolled back
+        assert heads_of(pg_url, schema=name) == expected
+
+    monkeypatch.delenv("AUTOLOCK_TEST_FAIL_SCHEMA")
+    again = migrate_schemas(engine, names, config=ini, parallel=3)
+    assert again.ok and again.counts() == {"cached": 5, "upgraded": 1}
+    assert again["tenant_3"].applied == ("a1", "a2", "a3")  # type: ignore[union-attr]
+    ran = Counter(bodies(trace))
+    assert ran == Counter(
+        {(rev, name): 1 for name in names for rev in REVS}
+        | {("a1", "tenant_3"): 2, ("a2", "tenant_3"): 2}
+    )
+
+
+def test_bad_tenant_names_are_that_tenant_s_error_and_nothing_lands_elsewhere(
+    pg_url: str, tenant_ini: Any, make_engine: Any, trace: Any
+) -> None:
+    """A schema that does not exist, one whose name needs quoting, a duplicate, a name too long
+    for PostgreSQL: per-schema outcomes; only the existing schemas got tables."""
+    create_schemas(pg_url, "Tenant-B c", "plain")
+    ini = tenant_ini(pg_url)
+    engine = make_engine(pg_url)
+    long_name = "t" * 64
+    report = migrate_schemas(
+        engine, ["plain", "missing", "Tenant-B c", "plain", long_name], config=ini
+    )
+    assert list(report) == ["plain", "missing", "Tenant-B c", long_name]
+    assert report.duplicates == ("plain",)
+    assert [r.schema for r in report.failed] == ["missing", long_name]
+    missing = report["missing"]
+    assert isinstance(missing, ConfigError)
+    assert str(missing).startswith("schema 'missing' does not exist in this database")
+    assert "PostgreSQL names hold at most 63" in str(report[long_name])
+    assert account_name(pg_url, "Tenant-B c") == "Tenant-B c"
+    assert sorted(set(bodies(trace))) == sorted(
+        (rev, name) for name in ["Tenant-B c", "plain"] for rev in REVS
+    )
+    assert tables(pg_url, "public") == []
+
+
+def test_schemas_from_the_operator_s_query(pg_url: str, tenant_ini: Any, make_engine: Any) -> None:
+    """The query runs as written (a % pattern, a :: cast) and reads the names from its first
+    column; it runs read-only, and one that fails is a ConfigError before any schema is
+    touched, its message masked."""
+    create_schemas(pg_url, "acme", "globex", "other")
+    engine = make_engine(pg_url)
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE tenants (schema_name text, active bool)"))
+        conn.execute(text("INSERT INTO tenants VALUES ('acme', true), ('globex', true)"))
+    ini = tenant_ini(pg_url)
+    query = "SELECT schema_name::text FROM tenants WHERE schema_name LIKE '%e%' ORDER BY 1"
+    report = migrate_schemas(engine, query, config=ini)
+    assert (list(report), report.counts()) == (["acme", "globex"], {"upgraded": 2})
+    assert heads_of(pg_url, schema="other") == set()
+
+    with pytest.raises(ConfigError) as info:
+        migrate_schemas(engine, "DELETE FROM tenants RETURNING schema_name", config=ini)
+    assert "read-only transaction" in str(info.value)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM tenants")).scalar() == 2
+    with pytest.raises(ConfigError) as info:
+        migrate_schemas(engine, "SELECT nope FROM tenants", config=ini)
+    assert str(info.value).startswith("the schemas query failed (nothing was migrated): ")
+    assert mask_url(pg_url) != pg_url and pg_url not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("schemas", "says"),
+    [
+        ("tenant_a", "which is read as a query: give a list of names"),
+        (["tenant_a", ""], "entry 2 is '', not a schema name"),
+        (["tenant_a", None], "entry 2 is None, not a schema name"),
+    ],
+)
+def test_bad_schema_lists_are_refused_before_anything_runs(
+    pg_url: str, tenant_ini: Any, make_engine: Any, schemas: Any, says: str
+) -> None:
+    """A bare name where a list is expected, an empty name (which would mean the default
+    schema), a null: ConfigError, and no schema was touched."""
+    create_schemas(pg_url, "tenant_a")
+    with pytest.raises(ConfigError) as info:
+        migrate_schemas(make_engine(pg_url), schemas, config=tenant_ini(pg_url))
+    assert says in str(info.value)
+    assert heads_of(pg_url, schema="tenant_a") == set()
+
+
+def test_migrate_schemas_refuses_databases_without_schemas(
+    sqlite_url: str, tenant_ini: Any, make_engine: Any
+) -> None:
+    """SQLite (and MySQL, where a schema is a database): a ConfigError saying what to do."""
+    for url in (sqlite_url, "mysql+pymysql://root@127.0.0.1:3306/app"):
+        with pytest.raises(ConfigError) as info:
+            migrate_schemas(make_engine(url), ["a"], config=tenant_ini(url))
+        assert "give each tenant's database its own URL" in str(info.value)
