@@ -9,6 +9,7 @@ current_schema(), so the file proves which schema each body ran in and how often
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -33,6 +34,7 @@ from alembic_autolock._mask import mask_url
 
 TENANTS = REPO / "tests" / "migrations_tenants"
 REVS = ["a1", "a2", "a3"]
+CLI = str(Path(sys.executable).parent / "alembic-autolock")
 
 
 @pytest.fixture
@@ -320,3 +322,127 @@ def test_migrate_schemas_refuses_databases_without_schemas(
         with pytest.raises(ConfigError) as info:
             migrate_schemas(make_engine(url), ["a"], config=tenant_ini(url))
         assert "give each tenant's database its own URL" in str(info.value)
+
+
+# --- the fleet command -------------------------------------------------------------------------
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, *args], capture_output=True, text=True, env=env or worker_env(), timeout=300
+    )
+
+
+def test_fifty_schemas_four_processes_every_schema_migrated_exactly_once(
+    pg_url: str, tenant_ini: Any, trace: Any
+) -> None:
+    """Four processes run the same `schemas upgrade --schemas-query` at once over 50 tenant
+    schemas: every revision body ran exactly once per schema, each schema was upgraded by
+    exactly one process (the others found it current), all are at head, none failed, and more
+    than one process did work."""
+    names = [f"tenant_{i:02d}" for i in range(50)]
+    create_schemas(pg_url, *names)
+    admin = create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.execute(text("CREATE TABLE tenants (schema_name text)"))
+        for name in names:
+            conn.execute(text("INSERT INTO tenants VALUES (:name)"), {"name": name})
+    admin.dispose()
+    ini = tenant_ini(pg_url)
+    env = worker_env(AUTOLOCK_TEST_SLEEP="0.05")
+    command = [
+        CLI,
+        "-c",
+        ini,
+        "schemas",
+        "upgrade",
+        "--schemas-query",
+        "SELECT schema_name FROM tenants ORDER BY 1",
+        "--parallel",
+        "4",
+        "--json",
+    ]
+    procs = [
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(4)
+    ]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4, [err for _, err in outputs]
+    docs = [json.loads(out) for out, _ in outputs]
+
+    assert Counter(bodies(trace)) == Counter({(rev, name): 1 for name in names for rev in REVS})
+    for doc in docs:
+        assert [s["schema"] for s in doc["schemas"]] == names and doc["failed"] == []
+        assert doc["database"] == mask_url(pg_url)
+    for i, name in enumerate(names):
+        outcomes = sorted(
+            (d["schemas"][i]["action"], tuple(d["schemas"][i]["applied"])) for d in docs
+        )
+        assert outcomes == [("current", ())] * 3 + [("upgraded", tuple(REVS))], name
+        assert heads_of(pg_url, schema=name) == {"a3"}
+    assert len({pid for _, _, pid in traced(trace)}) > 1  # the work was shared
+
+
+def test_fleet_command_with_a_failing_tenant_then_a_rerun(
+    pg_url: str, tenant_ini: Any, trace: Any
+) -> None:
+    """One tenant's revision fails: the others migrate, the command names the failed tenant
+    (stdout line, FAILED line), exits 2; after the fix a rerun migrates just that one."""
+    names = ["acme", "globex", "initech", "umbrella"]
+    create_schemas(pg_url, *names)
+    ini = tenant_ini(pg_url)
+    given = [arg for name in names for arg in ("--schema", name)]
+
+    out = cli(
+        "-c", ini, "schemas", "upgrade", *given, env=worker_env(AUTOLOCK_TEST_FAIL_SCHEMA="initech")
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "acme: upgraded: applied a1, a2, a3; now at a3"
+    assert lines[2].startswith("initech: FAILED MigrationFailed: migration a2 failed: ")
+    assert lines[-1] == "4 schema(s): 1 failed, 3 upgraded"
+    failed = [line for line in out.stderr.splitlines() if line.startswith("FAILED:")]
+    assert failed == [
+        "FAILED: 1 of 4 schema(s) failed: initech (the others went on; fix them and run the "
+        "command again: it does only what remains)"
+    ]
+    assert "Traceback" not in out.stderr
+    assert heads_of(pg_url, schema="initech") == set()
+
+    out = cli("-c", ini, "schemas", "upgrade", *given, "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert (doc["counts"], doc["exit_code"]) == ({"current": 3, "upgraded": 1}, 0)
+    assert [s["action"] for s in doc["schemas"]] == ["current", "current", "upgraded", "current"]
+    assert Counter(bodies(trace)) == Counter(
+        {(rev, name): 1 for name in names for rev in REVS}
+        | {("a1", "initech"): 2, ("a2", "initech"): 2}
+    )
+
+
+def test_fleet_command_bad_input(pg_url: str, tenant_ini: Any, sqlite_url: str) -> None:
+    """A schema that does not exist is that tenant's FAILED entry (JSON: its error), not a
+    crash; a non-PostgreSQL URL and a missing list are one FAILED line and exit 2."""
+    create_schemas(pg_url, "acme")
+    ini = tenant_ini(pg_url)
+    out = cli("-c", ini, "schemas", "upgrade", "--schema", "acme", "--schema", "ghost", "--json")
+    assert out.returncode == 2
+    doc = json.loads(out.stdout)
+    assert [(s["schema"], s["action"]) for s in doc["schemas"]] == [
+        ("acme", "upgraded"),
+        ("ghost", "failed"),
+    ]
+    assert doc["schemas"][1]["error"]["type"] == "ConfigError"
+    assert "schema 'ghost' does not exist" in doc["schemas"][1]["error"]["message"]
+    assert doc["error"]["message"].startswith("1 of 2 schema(s) failed: ghost")
+
+    out = cli("-c", ini, "--url", sqlite_url, "schemas", "upgrade", "--schema", "acme")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("FAILED: migrate_schemas() migrates PostgreSQL schemas; this")
+    assert "Traceback" not in out.stderr
+
+    out = cli("-c", ini, "schemas", "upgrade")
+    assert out.returncode == 2
+    assert out.stderr.startswith("FAILED: schemas upgrade needs the tenants' schemas")
