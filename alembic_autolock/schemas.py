@@ -314,6 +314,13 @@ def _migrate_one(
     from ._runner import upgrade
 
     try:
+        if schema != schema.strip():
+            raise ConfigError(
+                f"schema name {schema!r} begins or ends with white space; names are used "
+                "exactly as given (nothing was applied)",
+                key="schema",
+                value=schema,
+            )
         if len(schema.encode()) > _MAX_NAME_BYTES:
             raise ConfigError(
                 f"schema name {schema[:20]!r}... is {len(schema.encode())} bytes long; "

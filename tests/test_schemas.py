@@ -178,6 +178,20 @@ def test_a_holder_of_one_schema_s_lock_does_not_block_another_schema(
     assert ensure_migrated(make_engine(pg_url), config=ini, schema="tenant_a").action == "upgraded"
 
 
+def test_an_empty_schema_name_is_refused_not_read_as_the_default_schema(
+    pg_url: str, tenant_ini: Any, make_engine: Any
+) -> None:
+    """ensure_migrated(engine, schema="") (a tenant whose name came out empty) is a
+    ConfigError: nothing is applied to the default schema."""
+    with pytest.raises(ConfigError) as info:
+        ensure_migrated(make_engine(pg_url), config=tenant_ini(pg_url), schema="")
+    assert str(info.value) == (
+        "invalid value '' for setting 'schema' (from keyword argument): expected a schema name "
+        "(None for the default schema)"
+    )
+    assert tables(pg_url, "public") == []
+
+
 def test_threads_migrating_different_schemas_keep_each_revision_in_its_schema(
     pg_url: str, tenant_ini: Any, make_engine: Any, trace: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -246,23 +260,24 @@ def test_bad_tenant_names_are_that_tenant_s_error_and_nothing_lands_elsewhere(
     pg_url: str, tenant_ini: Any, make_engine: Any, trace: Any
 ) -> None:
     """A schema that does not exist, one whose name needs quoting, a duplicate, a name too long
-    for PostgreSQL: per-schema outcomes; only the existing schemas got tables."""
+    for PostgreSQL, one with a stray space (which would name another schema once stripped):
+    per-schema outcomes; only the existing schemas got tables, each once."""
     create_schemas(pg_url, "Tenant-B c", "plain")
     ini = tenant_ini(pg_url)
     engine = make_engine(pg_url)
     long_name = "t" * 64
-    report = migrate_schemas(
-        engine, ["plain", "missing", "Tenant-B c", "plain", long_name], config=ini
-    )
-    assert list(report) == ["plain", "missing", "Tenant-B c", long_name]
+    given = ["plain", "missing", "Tenant-B c", "plain", long_name, " plain"]
+    report = migrate_schemas(engine, given, config=ini)
+    assert list(report) == ["plain", "missing", "Tenant-B c", long_name, " plain"]
     assert report.duplicates == ("plain",)
-    assert [r.schema for r in report.failed] == ["missing", long_name]
+    assert [r.schema for r in report.failed] == ["missing", long_name, " plain"]
+    assert "begins or ends with white space" in str(report[" plain"])
     missing = report["missing"]
     assert isinstance(missing, ConfigError)
     assert str(missing).startswith("schema 'missing' does not exist in this database")
     assert "PostgreSQL names hold at most 63" in str(report[long_name])
     assert account_name(pg_url, "Tenant-B c") == "Tenant-B c"
-    assert sorted(set(bodies(trace))) == sorted(
+    assert sorted(bodies(trace)) == sorted(
         (rev, name) for name in ["Tenant-B c", "plain"] for rev in REVS
     )
     assert tables(pg_url, "public") == []
