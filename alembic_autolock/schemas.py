@@ -206,8 +206,13 @@ def migrate_schemas(
     start = random.randrange(len(unique)) if unique else 0
     order = unique[start:] + unique[:start]
     workers = min(parallel, len(order)) or 1
-    with ThreadPoolExecutor(workers, thread_name_prefix="alembic-autolock-schema") as pool:
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="alembic-autolock-schema")
+    try:
         done = dict(zip(order, pool.map(one, order), strict=True))
+    except BaseException:  # Ctrl-C: running schemas finish their revisions, no new one starts
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     return SchemasReport((done[name] for name in unique), duplicates, time.perf_counter() - started)
 
 
