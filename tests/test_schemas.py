@@ -461,3 +461,32 @@ def test_fleet_command_bad_input(pg_url: str, tenant_ini: Any, sqlite_url: str) 
     out = cli("-c", ini, "schemas", "upgrade")
     assert out.returncode == 2
     assert out.stderr.startswith("FAILED: schemas upgrade needs the tenants' schemas")
+
+
+# --- the example -------------------------------------------------------------------------------
+
+
+def test_example_tenants_runs_twice(pg_url: str) -> None:
+    """examples/tenants.py against a fresh database: the first tenant alone, then the fleet;
+    the second run only reads (every tenant at the example history's head)."""
+    env = worker_env(DATABASE_URL=pg_url)
+    example = str(REPO / "examples" / "tenants.py")
+    first = subprocess.run(
+        [sys.executable, example], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines() == [
+        "acme alone: upgraded, at 0005",
+        "acme: cached (applied nothing)",
+        "globex: upgraded (applied 0001, 0002, 0003, 0004, 0005)",
+        "initech: upgraded (applied 0001, 0002, 0003, 0004, 0005)",
+        "3 tenants: {'cached': 1, 'upgraded': 2}",
+    ]
+    again = subprocess.run(
+        [sys.executable, example], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines()[-1] == "3 tenants: {'cached': 1, 'current': 2}"
+    for name in ("acme", "globex", "initech"):
+        assert heads_of(pg_url, schema=name) == {"0005"}
+    assert tables(pg_url, "public") == []
