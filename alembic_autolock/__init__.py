@@ -45,6 +45,7 @@ if TYPE_CHECKING:  # the names below are imported on first use (see __getattr__)
     from ._lazy import install
     from ._migration_lock import migration_lock
     from ._runner import downgrade, durations, status, upgrade
+    from .schemas import SchemaResult, SchemasReport, migrate_schemas
 
 _ON_FIRST_USE = {
     "ensure_migrated": "._cold",
@@ -59,6 +60,9 @@ _ON_FIRST_USE = {
     "migration_lock_async": "._async",
     "status_async": "._async",
     "upgrade_async": "._async",
+    "migrate_schemas": ".schemas",
+    "SchemaResult": ".schemas",
+    "SchemasReport": ".schemas",
 }
 
 
@@ -93,6 +97,8 @@ __all__ = [
     "MigrationResult",
     "PendingMigrations",
     "PendingRevision",
+    "SchemaResult",
+    "SchemasReport",
     "Status",
     "TimeBudgetExceeded",
     "UnversionedDatabase",
@@ -103,6 +109,7 @@ __all__ = [
     "ensure_migrated",
     "ensure_migrated_async",
     "install",
+    "migrate_schemas",
     "migration_lock",
     "migration_lock_async",
     "status",

@@ -31,12 +31,13 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import _events as events
+from . import _state
 from ._db import heads_on, open_connection, read_heads
 from ._journal import Journal
 from ._plan import ancestors, clone_config, keep_loggers_enabled
 from ._session_settings import lock_timed_out, migration_settings
 from ._settings import Settings
-from ._wait import pause
+from ._wait import acquire, pause, task_id
 from .exceptions import (
     AutolockError,
     ConfigError,
@@ -631,6 +632,26 @@ def migration_session(
         yield journal
 
 
+@contextmanager
+def alembic_to_itself() -> Iterator[None]:
+    """One Alembic run at a time in this process (``_state.alembic_lock``): its ``op`` and
+    ``context`` proxies are process-wide, so revisions of two tenant schemas (or two databases)
+    run by two threads at once would execute on each other's connections. Re-entered freely by
+    the run that holds it; an event loop's tasks wait for it cooperatively."""
+    me = task_id()
+    if _state.alembic_owner == me:
+        yield
+        return
+    guard = _state.alembic_lock
+    acquire(guard, None)
+    _state.alembic_owner = me
+    try:
+        yield
+    finally:
+        _state.alembic_owner = None
+        guard.release()
+
+
 def run_alembic(
     engine: Engine,
     *,
@@ -688,6 +709,7 @@ def run_alembic(
             run_cfg.attributes[RUN_KEY] = RunContext(settings, conn, tracker, target_metadata)
             try:
                 with (
+                    alembic_to_itself(),
                     keep_loggers_enabled(),
                     EnvironmentContext(
                         run_cfg,

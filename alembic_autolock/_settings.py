@@ -211,6 +211,15 @@ def _optional_str(key: str, value: object, source: str) -> str | None:
     return text or None
 
 
+def _schema(key: str, value: object, source: str) -> str | None:
+    """A tenant's schema; empty in a file or the environment means none. An empty name passed
+    in code is refused: it would migrate the default schema instead of a tenant's."""
+    text = _as_str(key, value, source)
+    if not text and source == "keyword argument":
+        raise _fail(key, value, source, "a schema name (None for the default schema)")
+    return text or None
+
+
 def _non_empty(what: str) -> Callable[[str, object, str], str]:
     def parse(key: str, value: object, source: str) -> str:
         text = _as_str(key, value, source)
@@ -295,7 +304,7 @@ _PARSERS: dict[str, Callable[[str, object, str], Any]] = {
     "empty_database": _empty_database,
     "refresh_pool": _as_bool,
     "cache_dir": _optional_str,
-    "schema": _optional_str,
+    "schema": _schema,
     "ddl_lock_timeout": _as_seconds,
     "ddl_retries": _count,
     "time_budget": _as_seconds,

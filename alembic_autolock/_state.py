@@ -10,6 +10,9 @@
   (per lock_url, per application engine, per Redis URL), built once per process.
 * ``engine_tokens``: a number per Engine object, the engine's part of the cache key (an id()
   could be reused by a later engine once the first is gone).
+* ``alembic_lock``: held while Alembic runs env.py in this process. Alembic's ``op`` and
+  ``context`` are module-level proxies, one per process: two runs at once in two threads (two
+  tenant schemas, two databases) would send each other's DDL to the wrong connection.
 
 ``reset()`` empties all of it; tests call it before each test. After ``fork()`` the child starts
 with empty state (a lock held by a parent thread must not be inherited as held).
@@ -35,6 +38,8 @@ redis_clients: dict[str, Any] = {}
 engine_tokens: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 _tokens = itertools.count(1)
 registry_lock = threading.Lock()
+alembic_lock = threading.Lock()
+alembic_owner: tuple[int, int] | None = None  # the task holding it (it may enter again)
 
 
 def reset() -> None:
@@ -48,7 +53,7 @@ def _after_fork() -> None:
     parent's is shared. Every engine the library used gets a fresh pool without closing the
     parent's connections (SQLAlchemy's dispose(close=False)), so the child never talks on a
     socket its parent uses; the library's own engines and clients are dropped the same way."""
-    global registry_lock
+    global registry_lock, alembic_lock, alembic_owner
     for engine in [*engine_tokens, *side_engines.values(), *lock_engines.values()]:
         try:
             engine.dispose(close=False)
@@ -62,6 +67,8 @@ def _after_fork() -> None:
     side_engines.clear()
     redis_clients.clear()  # their sockets belong to the parent
     registry_lock = threading.Lock()
+    alembic_lock = threading.Lock()  # a parent's thread may have held it at fork()
+    alembic_owner = None
 
 
 os.register_at_fork(after_in_child=_after_fork)

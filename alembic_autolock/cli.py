@@ -848,6 +848,138 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _schema_line(entry: Any) -> str:
+    d = entry.as_dict()
+    if not entry.ok:
+        return f"{entry.schema}: FAILED {entry.error_type}: {_first_line_of(entry.error_message)}"
+    heads = ", ".join(d["heads"] or []) or "no revision"
+    if d["applied"]:
+        return f"{entry.schema}: {d['action']}: applied {', '.join(d['applied'])}; now at {heads}"
+    held = f"; kept for a job: {', '.join(d['pending'])}" if d["pending"] else ""
+    return f"{entry.schema}: {d['action']}: at {heads}{held}"
+
+
+def _first_line_of(text: str | None) -> str:
+    return ((text or "").strip().splitlines() or [""])[0]
+
+
+def cmd_schemas_upgrade(args: argparse.Namespace) -> int:
+    """Upgrade many PostgreSQL schemas of one database (a schema per tenant) to a revision
+    (default: heads), each with its own version table and its own lock, --parallel at a time.
+    The schemas come from --schema (repeatable) or from --schemas-query, the operator's own
+    SQL, run as given in a read-only transaction. A tenant that fails is reported and the
+    others go on; run it again to finish what failed. Exit 0 when every schema is at its
+    target, 2 when any schema failed (each is listed) or on any other error."""
+    from . import schemas as tenants
+
+    if bool(args.schema_names) == bool(args.schemas_query):
+        raise ConfigError(
+            "schemas upgrade needs the tenants' schemas: --schema NAME (repeatable) or "
+            "--schemas-query SQL (e.g. --schemas-query 'SELECT schema_name FROM tenants'), "
+            "not both"
+        )
+    out = Output(args)
+    progress = _progress(args)  # its live line only: lock events of many schemas would mingle
+    counter = threading.Lock()
+    finished: list[Any] = []
+
+    def on_result(entry: Any) -> None:
+        with counter:
+            finished.append(entry)
+            done, failed = len(finished), sum(1 for e in finished if not e.ok)
+        progress.show(lambda s: f"schemas: {done} done, {failed} failed, {s:.1f}s")
+
+    def run(engine: Any, cfg: Any) -> int:
+        from ._mask import mask_url
+
+        try:
+            report = tenants.migrate_schemas(
+                engine,
+                args.schema_names or args.schemas_query,
+                config=cfg,
+                parallel=args.parallel,
+                revision=args.revision,
+                on_result=on_result,
+            )
+        finally:
+            progress.close()
+        code = EXIT_ERROR if report.failed else EXIT_OK
+        doc = {"database": mask_url(engine.url), **report.as_dict(), "exit_code": code}
+        counts = ", ".join(f"{n} {action}" for action, n in report.counts().items())
+        lines = [_schema_line(entry) for entry in report.results]
+        if report.duplicates:
+            lines.append(f"given more than once (migrated once): {', '.join(report.duplicates)}")
+        lines.append(f"{len(report)} schema(s): {counts or 'none given'}")
+        if not report.failed:
+            out.result(doc, *lines)
+            return EXIT_OK
+        if not args.json:
+            out.result(doc, *lines)
+        failed = [entry.schema for entry in report.failed]
+        raise _Failed(
+            f"{len(failed)} of {len(report)} schema(s) failed: {', '.join(failed)} (the others "
+            "went on; fix them and run the command again: it does only what remains)",
+            doc,
+        )
+
+    return _with_engine(args, run)
+
+
+def _parallel(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _add_schemas(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``schemas upgrade``: the tenant fleet (alembic_autolock.schemas)."""
+    p_schemas = sub.add_parser(
+        "schemas",
+        help="Migrate PostgreSQL schemas, one per tenant (schemas upgrade).",
+        description="Migrate PostgreSQL schemas of one database, one per tenant.",
+        parents=[common],
+    )
+    commands = p_schemas.add_subparsers(dest="schemas_command", required=True, metavar="COMMAND")
+    doc = " ".join((cmd_schemas_upgrade.__doc__ or "").split())
+    p = commands.add_parser(
+        "upgrade",
+        help=doc.split(". ")[0] + ".",
+        description=doc,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    p.set_defaults(func=cmd_schemas_upgrade)
+    p.add_argument(
+        "revision", nargs="?", default="heads", help="the target revision (default: heads)"
+    )
+    p.add_argument(
+        "--schema",
+        action="append",
+        dest="schema_names",
+        metavar="NAME",
+        help="a tenant's schema, exactly as named in the database (repeatable)",
+    )
+    p.add_argument(
+        "--schemas-query",
+        "--query",
+        dest="schemas_query",
+        metavar="SQL",
+        help="your query whose first column lists the schemas, run as given (read-only)",
+    )
+    p.add_argument(
+        "--parallel",
+        type=_parallel,
+        default=4,
+        metavar="N",
+        help="schemas handled at once by this process (default: 4)",
+    )
+
+
 # --- the parser and main ---------------------------------------------------------------------
 
 
@@ -1032,6 +1164,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("init", cmd_init).add_argument(
         "directory", help="the directory to create (as alembic init)"
     )
+    _add_schemas(sub, common)
     return parser
 
 
