@@ -138,7 +138,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _fail(message: str) -> NoReturn:
     """Fail the tests that need the database with ``message`` alone: no traceback, whose
     frames would show the URL with its password among their arguments."""
-    pytest.fail(f"alembic-autolock: {message}", pytrace=False)
+    # from None: the report shows this message alone, not the chain of errors behind it
+    raise pytest.fail.Exception(f"alembic-autolock: {message}", pytrace=False) from None
 
 
 class SecretURL(str):
