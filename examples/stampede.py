@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 HERE = Path(__file__).resolve().parent.parent
 
 # A copy that waited less than this for the lock did not really wait: the lock was free.
@@ -105,7 +107,8 @@ def main() -> int:
     for p in procs:
         p.join()
 
-    print(f"{args.processes} processes started at once against {args.url}:")
+    shown = make_url(args.url).render_as_string(hide_password=True)
+    print(f"{args.processes} processes started at once against {shown}:")
     for pid, (action, applied, heads, waited, elapsed) in sorted(rows, key=lambda r: -len(r[1][1])):
         print(
             f"  pid {pid:>7}: {action:<8} {describe(action, applied, waited)}; "

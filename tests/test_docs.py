@@ -94,7 +94,7 @@ def blocks_of(path: Path) -> list[Block]:
 
 
 # The driver runs one page's blocks in order, in one process, and stops at the first failure.
-DRIVER = r'''
+DRIVER = r"""
 import json, os, subprocess, sys, traceback
 blocks = json.load(open(sys.argv[1]))
 namespace = {"__name__": "__main__"}
@@ -124,7 +124,7 @@ for b in blocks:
         print(f"DOCS-BLOCK-FAILED {where} (exit code {rc})", file=sys.stderr)
         sys.exit(1)
 print("DOCS-PAGE-OK")
-'''
+"""
 
 MODELS = '''\
 """The application's models, as the docs' examples import them."""
@@ -220,7 +220,8 @@ def test_page_blocks_run(page: Path, tmp_path: Path) -> None:
     started = time.monotonic()
     proc = run_page(page, tmp_path)
     output = proc.stdout[-4000:] + proc.stderr[-6000:]
-    assert proc.returncode == 0, f"{page.name} failed ({time.monotonic() - started:.1f}s):\n{output}"
+    took = time.monotonic() - started
+    assert proc.returncode == 0, f"{page.name} failed ({took:.1f}s):\n{output}"
     assert "DOCS-PAGE-OK" in proc.stdout
 
 
@@ -240,7 +241,7 @@ def test_markers_stand_before_a_block() -> None:
         lines = page.read_text().splitlines()
         for i, line in enumerate(lines):
             if MARKER.match(line):
-                rest = [l for l in lines[i + 1 :] if l.strip()]
+                rest = [text for text in lines[i + 1 :] if text.strip()]
                 if not rest or not FENCE.match(rest[0]):
                     loose.append(f"{page.name}:{i + 1}")
     assert loose == []
@@ -285,7 +286,7 @@ def test_ini_lists_every_setting_with_its_default(ini: Path) -> None:
     assert section in ini.read_text(), (
         f"regenerate with: python docs/_hooks/settings_reference.py ini ({ini.name})"
     )
-    for key in ref.keys():
+    for key in ref.setting_keys():
         assert f"\n# {key} =" in section
 
 

@@ -209,25 +209,23 @@ def env_vars(key: str) -> list[str]:
     return names
 
 
-def keys() -> tuple[str, ...]:
+def setting_keys() -> tuple[str, ...]:
     """Every setting, in the order the dataclass declares them."""
     s = _settings_module()
     return tuple(f.name for f in s.fields(s.Settings) if f.name in s._PARSERS)
 
 
 def markdown() -> str:
-    missing = [k for k in keys() if k not in MEANINGS]
+    missing = [k for k in setting_keys() if k not in MEANINGS]
     if missing:
         raise RuntimeError(f"settings without a meaning in {__file__}: {', '.join(missing)}")
     rows = [
         "| key | environment variable | accepts | default | meaning |",
         "|---|---|---|---|---|",
     ]
-    for key in keys():
+    for key in setting_keys():
         env = "<br>".join(f"`{n}`" for n in env_vars(key))
-        rows.append(
-            f"| `{key}` | {env} | {_accepts(key)} | {_default_md(key)} | {MEANINGS[key]} |"
-        )
+        rows.append(f"| `{key}` | {env} | {_accepts(key)} | {_default_md(key)} | {MEANINGS[key]} |")
     return "\n".join(rows)
 
 
@@ -249,7 +247,7 @@ def ini_section() -> str:
         "# ALEMBIC_AUTOLOCK_<KEY> environment variables and keyword arguments override what",
         "# is set here. The reference: docs/configuration.md.",
     ]
-    for key in keys():
+    for key in setting_keys():
         note = _plain(MEANINGS[key])
         if key in _DYNAMIC_DEFAULTS:
             s = _settings_module()
