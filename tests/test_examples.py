@@ -52,7 +52,7 @@ def get_json(url: str, timeout: float = 30) -> tuple[int, Any]:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310
+            with urllib.request.urlopen(url, timeout=5) as response:
                 return response.status, json.loads(response.read())
         except urllib.error.HTTPError as error:
             return error.code, json.loads(error.read())
@@ -116,14 +116,20 @@ def test_stampede_fails_fast_when_a_worker_fails(tmp_path: Path) -> None:
     two-minute hang."""
     started = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "examples/stampede.py", "--processes", "3", "--url",
-         "postgresql://postgres:secret@127.0.0.1:5432/autolock_no_such_database"],
+        [
+            sys.executable,
+            "examples/stampede.py",
+            "--processes",
+            "3",
+            "--url",
+            "postgresql://postgres:secret@127.0.0.1:5432/autolock_no_such_database",
+        ],
         cwd=REPO,
         env=env_for("sqlite://"),
         capture_output=True,
         text=True,
         timeout=60,
-    )  # fmt: skip
+    )
     assert proc.returncode == 1
     assert proc.stderr.startswith("FAILED: process ")
     assert "DatabaseUnavailable" in proc.stderr
@@ -140,14 +146,22 @@ def test_demo_runs_stampede_and_status_on_sqlite(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'example.db'}"
     proc = subprocess.run(
         [sys.executable, "examples/stampede.py", "--processes", "8", "--url", url],
-        cwd=REPO, env=env_for(url), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env_for(url),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1].startswith("1 process migrated; ")
     status = subprocess.run(
         [str(BIN / "alembic-autolock"), "-c", "alembic.ini", "--url", url, "status"],
-        cwd=REPO, env=env_for(url), capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env_for(url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert "current:     0005 (head)" in status.stdout
 
 
@@ -196,9 +210,13 @@ def test_serverless_cold_starts_migrate_once(pg_url: str) -> None:
     )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code], cwd=REPO, env=env_for(pg_url),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [sys.executable, "-c", code],
+            cwd=REPO,
+            env=env_for(pg_url),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(4)
     ]
     outputs = [p.communicate(timeout=120) for p in procs]
@@ -247,9 +265,13 @@ def test_adopted_project_migrates_once_from_concurrent_alembic_commands(
     env = env_for(pg_url, MYPROJECT_DB_URL=pg_url, PYTHONPATH=str(project))
     procs = [
         subprocess.Popen(
-            [str(BIN / "alembic"), "upgrade", "head"], cwd=project, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+            [str(BIN / "alembic"), "upgrade", "head"],
+            cwd=project,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(4)
     ]
     outputs = [p.communicate(timeout=120) for p in procs]
@@ -259,8 +281,11 @@ def test_adopted_project_migrates_once_from_concurrent_alembic_commands(
     assert heads(pg_url) == ["a2"]
     sql = subprocess.run(
         [str(BIN / "alembic"), "upgrade", "head", "--sql"],
-        cwd=project, env={**env, "MYPROJECT_DB_URL": ""}, capture_output=True, text=True,
-    )  # fmt: skip
+        cwd=project,
+        env={**env, "MYPROJECT_DB_URL": ""},
+        capture_output=True,
+        text=True,
+    )
     assert sql.returncode == 0, sql.stderr
     assert "CREATE TABLE users" in sql.stdout
     assert "ALTER TABLE users ADD COLUMN email VARCHAR(200)" in sql.stdout
