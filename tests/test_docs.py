@@ -361,3 +361,24 @@ def test_blocks_parser_reads_markers(tmp_path: Path) -> None:
         ("python", "run()\n", None, "alembic/env.py"),
         ("text", "plain text\n", None, None),
     ]
+
+
+def test_every_event_is_documented() -> None:
+    """Each event name the library emits has a row in docs/events.md."""
+    from alembic_autolock import _events
+
+    names = {
+        value
+        for key, value in vars(_events).items()
+        if key.isupper() and isinstance(value, str) and "." in value and key != "LOGGER_NAME"
+    }
+    page = (DOCS / "events.md").read_text()
+    assert sorted(n for n in names if f"| `{n}` |" not in page) == []
+
+
+def test_every_metric_is_documented() -> None:
+    """Each metric in alembic_autolock.metrics.NAMES has a row in docs/metrics.md."""
+    from alembic_autolock import metrics
+
+    page = (DOCS / "metrics.md").read_text()
+    assert [n for n in metrics.NAMES if f"| `{n}` |" not in page] == []
