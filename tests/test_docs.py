@@ -80,7 +80,7 @@ def blocks_of(path: Path) -> list[Block]:
             j -= 1
         marker = MARKER.match(lines[j]) if j >= 0 else None
         block = Block(
-            page=str(path.relative_to(REPO)),
+            page=str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name,
             line=start + 1,
             lang=RUN_LANGS.get(lang, lang or "text"),
             code="\n".join(body) + "\n",
