@@ -252,7 +252,7 @@ def test_kubernetes_simulation(pg_url: str) -> None:
     assert proc.stdout.rstrip().endswith("simulation passed")
     manifest = (REPO / "examples" / "kubernetes" / "deployment.yaml").read_text()
     assert '"upgrade", "heads"]' in manifest
-    assert '"check"]' in manifest
+    assert '"check", "--allow-manual"]' in manifest
 
 
 def test_adopted_project_migrates_once_from_concurrent_alembic_commands(
