@@ -198,6 +198,7 @@ def _accepts(key: str) -> str:
         "_empty_database": ", ".join(f"`{c}`" for c in s.EMPTY_DATABASE),
         "_webhook": "an `http://` or `https://` URL",
         "_token": "a string",
+        "_schema": "a PostgreSQL schema name (unset: the default schema; an empty name is refused)",
     }
     return described[name]
 
