@@ -12,10 +12,12 @@ Routes (relative to where the application is mounted):
 * ``GET /status`` (and ``HEAD``): the JSON of :meth:`alembic_autolock.Status.as_dict` (current
   and script heads, pending revisions with their messages, ``at_head``, the lock's holders,
   environment and mode); **200** at head, **503** otherwise, so it serves as a readiness probe.
-* ``POST /upgrade`` with an optional JSON body ``{"revision": "heads"}``, and ``POST
-  /downgrade`` with ``{"revision": "<target>"}``: run :func:`alembic_autolock.upgrade` /
-  :func:`alembic_autolock.downgrade`, gated exactly as they are (``allow_downgrade``), and
-  answer ``{"result": {...}}``. They need ``Authorization: Bearer <token>``, compared in constant
+* ``POST /upgrade`` without a body: what start-up applies (:func:`alembic_autolock.ensure_migrated`
+  in upgrade mode: revisions kept for a job, ``autolock_manual``, stay pending and are listed in
+  the result with the command that runs them); with ``{"revision": "heads"}`` (or any target)
+  :func:`alembic_autolock.upgrade`, which applies those too. ``POST /downgrade`` with
+  ``{"revision": "<target>"}``: :func:`alembic_autolock.downgrade`, gated exactly as it is
+  (``allow_downgrade``). Each answers ``{"result": {...}}``. They need ``Authorization: Bearer <token>``, compared in constant
   time with the ``web_token`` setting (``ALEMBIC_AUTOLOCK_WEB_TOKEN``). Without a configured
   token these routes do not exist (404).
 
@@ -149,7 +151,15 @@ class _Endpoints:
             return self._status()
         self._authorize(authorization)
         request = self._body(body)
-        revision = request.get("revision", "heads" if path == "/upgrade" else None)
+        if path == "/upgrade" and "revision" not in request:
+            # the trigger as start-up: what ensure_migrated would apply (revisions kept for a
+            # job, autolock_manual, stay pending and are listed); an explicit revision runs all
+            from ._cold import ensure_migrated
+
+            overrides = {**self.settings, "mode": "upgrade", "cache_ttl": 0}
+            result = ensure_migrated(self.engine, config=self.config, **overrides)
+            return _json(200, {"result": asdict(result)})
+        revision = request.get("revision")
         if not isinstance(revision, str) or not revision.strip():
             raise _HTTPError(
                 400,

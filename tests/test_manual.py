@@ -277,3 +277,38 @@ def test_a_durations_file_that_is_missing_or_not_one(tmp_path: Path, ini: Any) -
             engine, config=config, time_budget=1, durations_file=str(bad), cache_ttl=0
         )
     assert heads_of(url) == set()
+
+
+def test_the_web_trigger_is_a_start_up_path(pg_url: str, ini: Any) -> None:
+    """POST /upgrade with no body leaves the marked revisions for the job, as start-up does, and
+    lists them; with an explicit revision it applies them."""
+    from alembic_autolock.web import make_wsgi_app
+
+    config = ini(pg_url)
+    engine = create_engine(pg_url)
+    app = make_wsgi_app(engine, config=config, web_token="t0ken-for-test")
+
+    def post(body: bytes) -> tuple[str, dict[str, Any]]:
+        import io
+        import json
+
+        got: list[str] = []
+        environ = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": "/upgrade",
+            "CONTENT_LENGTH": str(len(body)),
+            "wsgi.input": io.BytesIO(body),
+            "HTTP_AUTHORIZATION": "Bearer t0ken-for-test",
+        }
+        out = b"".join(app(environ, lambda status, headers: got.append(status)))
+        return got[0], json.loads(out)
+
+    status, doc = post(b"")
+    assert status.startswith("200")
+    assert sorted(doc["result"]["applied"]) == ["m1", "x1"]
+    assert sorted(p["revision"] for p in doc["result"]["pending"]) == ["m2", "m3", "y1"]
+    assert traced(pg_url) == ["m1", "x1"]
+    status, doc = post(b'{"revision": "heads"}')
+    assert status.startswith("200")
+    assert sorted(doc["result"]["applied"]) == ["m2", "m3", "y1"]
+    engine.dispose()
