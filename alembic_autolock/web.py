@@ -17,8 +17,9 @@ Routes (relative to where the application is mounted):
   the result with the command that runs them); with ``{"revision": "heads"}`` (or any target)
   :func:`alembic_autolock.upgrade`, which applies those too. ``POST /downgrade`` with
   ``{"revision": "<target>"}``: :func:`alembic_autolock.downgrade`, gated exactly as it is
-  (``allow_downgrade``). Each answers ``{"result": {...}}``. They need ``Authorization: Bearer <token>``, compared in constant
-  time with the ``web_token`` setting (``ALEMBIC_AUTOLOCK_WEB_TOKEN``). Without a configured
+  (``allow_downgrade``). Each answers ``{"result": {...}}``. They need
+  ``Authorization: Bearer <token>``, compared in constant time with the ``web_token`` setting
+  (``ALEMBIC_AUTOLOCK_WEB_TOKEN``). Without a configured
   token these routes do not exist (404).
 
 Errors are JSON, ``{"error": {"status": ..., "type": ..., "message": ...}}``: 400 (malformed
