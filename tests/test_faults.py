@@ -13,7 +13,9 @@ Faults land at exact points of a run without any hook in the library: a worker
 (tests/fault_worker.py) subscribes to the library's events and signals itself or pauses on a
 file barrier there, and the revisions pause on the same barrier between statements. The test
 then acts as the world would: signals, server-side kills, ``unlock --force``, a Redis restart,
-a Redis key left to expire while the holder is frozen.
+a Redis key left to expire while the holder is frozen, the network cut or stalled (the holder
+reaches PostgreSQL through a TCP relay the test owns, tests/relay.py), a private PostgreSQL
+restarted, a statement past the ``statement_timeout`` env.py's connection_setup sets.
 
 Matrix: backend x phase x fault. ``AUTOLOCK_FULL_MATRIX=1`` runs every meaningful cell, the
 default a CI subset; ``AUTOLOCK_SOAK=N`` adds N rounds of random faults against small fleets.
@@ -37,7 +39,10 @@ from typing import Any
 
 import pytest
 import redis
+from relay import Relay
+from servers import PrivatePostgres
 from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from support import REPO, wait_for, worker_env
 
 from alembic_autolock import _state
@@ -74,10 +79,25 @@ FAULTS = [
     "kill-migration",  # pg_terminate_backend / KILL of the migration session
     "redis-restart",  # the Redis server restarted (it keeps nothing on disk)
     "raise",  # a revision raises
+    # the network and the server, PostgreSQL only (the holder reaches it through a TCP relay
+    # the test owns, tests/relay.py; a restart needs a server of the test's own)
+    "net-cut",  # every relayed connection closed at once (new ones pass)
+    "net-stall",  # nothing forwarded, nothing closed, past the next run's timeout; resumed
+    "net-stall-cut",  # the same, then cut (and the network back) instead of resumed
+    "db-restart",  # the database server restarted (a private one: never the shared server)
+    "statement-timeout",  # a statement runs past the migration connection's statement_timeout
 ]
+
+NET_FAULTS = ("net-cut", "net-stall", "net-stall-cut")
+NET_PHASES = ("acquired", "revision", "batches")
+SLOW = {"revision": "f1:insert", "batches": "f2:batch0"}  # where a statement runs too long
 
 
 def meaningful(backend: str, phase: str, fault: str) -> bool:
+    if fault in (*NET_FAULTS, "db-restart"):
+        return backend == "postgresql" and phase in NET_PHASES
+    if fault == "statement-timeout":
+        return backend == "postgresql" and phase in SLOW
     if phase == "waiting":
         return fault in ("sigkill", "sigterm", "sigstop")
     if fault == "redis-restart":
@@ -124,6 +144,15 @@ CI = [
     ("sqlite", "acquired", "sigterm"),
     ("sqlite", "batches", "sigkill"),
     ("sqlite", "revision", "raise"),
+    ("postgresql", "acquired", "net-cut"),
+    ("postgresql", "revision", "net-cut"),
+    ("postgresql", "batches", "net-cut"),
+    ("postgresql", "acquired", "net-stall"),
+    ("postgresql", "revision", "net-stall"),
+    ("postgresql", "batches", "net-stall-cut"),
+    ("postgresql", "revision", "db-restart"),
+    ("postgresql", "revision", "statement-timeout"),
+    ("postgresql", "batches", "statement-timeout"),
 ]
 assert all(case in FULL for case in CI), [case for case in CI if case not in FULL]
 
@@ -140,6 +169,7 @@ class World:
     ini: str
     trace_path: Path
     redis_server: Any = None
+    private_pg: Any = None
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
     # -- processes --
@@ -153,18 +183,23 @@ class World:
         linger: bool = False,
         op: str = "ensure",
         rev: str | None = None,
+        url: str | None = None,
+        env_extra: dict[str, str] | None = None,
         **settings: Any,
     ) -> subprocess.Popen[str]:
         env = worker_env(AUTOLOCK_FAULT_TRACE=str(self.trace_path))
         for key in ("AUTOLOCK_FAULT_AT", "AUTOLOCK_FAULT_PAUSE", "AUTOLOCK_FAULT_FAIL"):
             env.pop(key, None)
+        for key in ("AUTOLOCK_FAULT_SLOW", "AUTOLOCK_FAULT_STATEMENT_TIMEOUT"):
+            env.pop(key, None)
+        env.update(env_extra or {})
         if fault:
             env["AUTOLOCK_FAULT_AT"] = fault
         if pause:
             env["AUTOLOCK_FAULT_PAUSE"] = pause
         if fail:
             env["AUTOLOCK_FAULT_FAIL"] = fail
-        cmd = [sys.executable, str(FAULT_WORKER), self.ini, self.url, "--op", op]
+        cmd = [sys.executable, str(FAULT_WORKER), self.ini, url or self.url, "--op", op]
         if rev:
             cmd += ["--rev", rev]
         for key, value in settings.items():
@@ -359,14 +394,14 @@ def lingering_outcome(proc: subprocess.Popen[str], timeout: float = 60) -> dict[
 
 @pytest.fixture
 def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    def make(backend: str) -> World:
+    def make(backend: str, url: str | None = None) -> World:
         settings: dict[str, Any] = {"transaction": "all", "timeout": 20, "orphan_wait": 0.5}
         redis_server = None
-        if backend == "mysql":
+        if url is None and backend == "mysql":
             url = str(request.getfixturevalue("mysql_url"))
-        elif backend == "sqlite":
+        elif url is None and backend == "sqlite":
             url = f"sqlite:///{tmp_path / 'app.db'}"
-        else:
+        elif url is None:
             url = str(request.getfixturevalue("pg_url"))
         if backend == "redis":
             redis_server = request.getfixturevalue("own_redis")
@@ -400,6 +435,13 @@ def world(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
                     os.kill(proc.pid, signal.SIGCONT)
                     proc.kill()
                 proc.wait()
+
+
+@pytest.fixture
+def private_pg(tmp_path: Path) -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of this test's own, which it may restart."""
+    with PrivatePostgres(tmp_path / "pg") as server:
+        yield server
 
 
 # --- the invariants ---------------------------------------------------------------------------
@@ -485,13 +527,15 @@ def _wait_paused(w: World, proc: subprocess.Popen[str]) -> None:
     assert proc.poll() is None, outcome(proc)
 
 
-def _bring_holder(w: World, phase: str, *, fail: str | None = None, linger: bool = False) -> Any:
+def _bring_holder(
+    w: World, phase: str, *, fail: str | None = None, linger: bool = False, url: str | None = None
+) -> Any:
     """A holder paused at ``phase`` (on the barrier)."""
     kind, where = PHASES[phase]
     if kind == "pause":
-        holder = w.spawn(pause=where, fail=fail, linger=linger)
+        holder = w.spawn(pause=where, fail=fail, linger=linger, url=url)
     else:
-        holder = w.spawn(fault=f"{where}=pause", fail=fail, linger=linger)
+        holder = w.spawn(fault=f"{where}=pause", fail=fail, linger=linger, url=url)
     _wait_paused(w, holder)
     return holder
 
@@ -505,6 +549,12 @@ def run_cell(w: World, phase: str, fault: str) -> None:
         _frozen_cell(w, phase)
     elif fault == "raise":
         _raise_cell(w, phase)
+    elif fault in NET_FAULTS:
+        _net_cell(w, phase, fault)
+    elif fault == "db-restart":
+        _restart_cell(w, phase)
+    elif fault == "statement-timeout":
+        _statement_timeout_cell(w, phase)
     else:
         _server_cell(w, phase, fault)
     assert_one_at_a_time(w)
@@ -660,13 +710,89 @@ def _server_cell(w: World, phase: str, fault: str) -> None:
         assert nxt.get("error") != "MigrationInterrupted", nxt
 
 
+def _relayed(w: World, relay: Relay) -> str:
+    """The world's URL, through the relay."""
+    return (
+        make_url(w.url).set(host="127.0.0.1", port=relay.port).render_as_string(hide_password=False)
+    )
+
+
+def _net_cell(w: World, phase: str, fault: str) -> None:
+    """The holder reaches PostgreSQL through a relay the test owns. Cut: every connection of
+    the holder closes at once; it fails, typed, and its sessions (its lock and fence) end with
+    them on the server. Stalled: nothing reaches the server and nothing is closed, so the
+    server still sees the holder's sessions, its lock and its fence: a run beside it (not
+    through the relay) times out naming it. Resumed, the holder finishes; cut, it fails."""
+    target = make_url(w.url)
+    relay = Relay(target.host or "127.0.0.1", target.port or 5432)
+    try:
+        holder = _bring_holder(w, phase, url=_relayed(w, relay))
+        if fault == "net-cut":
+            relay.cut()
+            w.release_barrier()
+            got = outcome(holder)
+        else:
+            relay.stall()
+            w.release_barrier()  # the holder's next statement waits in the stalled relay
+            nxt = w.run(timeout=2)
+            assert nxt.get("error") == "LockTimeout", nxt
+            assert f"{holder.pid}" in nxt["message"], nxt
+            assert holder.poll() is None, outcome(holder)
+            if fault == "net-stall":
+                relay.resume()
+                got = outcome(holder)
+                assert "error" not in got and got["heads"] == [HEAD], got
+                return
+            relay.cut()  # the connections reset, and the network is back
+            relay.resume()
+            got = outcome(holder)
+    finally:
+        relay.close()
+    # every session went at once, its lock with it: that is what it says, wherever it stood
+    assert got.get("error") == "LockLost", got
+    assert_truthful(w, got)
+    assert wait_for(lambda: w.held() == [], 10), w.held()
+
+
+def _restart_cell(w: World, phase: str) -> None:
+    """The database server restarts (fast: it ends every session) under a paused holder."""
+    holder = _bring_holder(w, phase)
+    w.private_pg.restart("fast")
+    w.release_barrier()
+    got = outcome(holder)
+    # every session went at once, its lock with it: that is what it says, wherever it stood
+    assert got.get("error") == "LockLost", got
+    assert_truthful(w, got)
+
+
+def _statement_timeout_cell(w: World, phase: str) -> None:
+    """A statement of a revision runs past the statement_timeout env.py's connection_setup
+    set on the migration connection: MigrationFailed naming the revision, the state the
+    database's; the next run (without the slow statement) finishes or refuses naming it."""
+    slow = SLOW[phase]
+    got = w.run(env_extra={"AUTOLOCK_FAULT_SLOW": slow, "AUTOLOCK_FAULT_STATEMENT_TIMEOUT": "300"})
+    assert got.get("error") == "MigrationFailed", got
+    assert got["revision"] == slow.split(":")[0], got
+    assert "statement timeout" in got["message"], got
+    assert not w.ran(slow.split(":")[0], "slow"), w.lines()
+    assert_truthful(w, got)
+
+
 @pytest.mark.parametrize(
     ("backend", "phase", "fault"), [pytest.param(*case, id="-".join(case)) for case in CASES]
 )
-def test_fault(world: Any, backend: str, phase: str, fault: str) -> None:
+def test_fault(
+    world: Any, request: pytest.FixtureRequest, backend: str, phase: str, fault: str
+) -> None:
     """One cell of the matrix: at most one process runs revision code, the error is the
     truth, nothing stays held, the next run finishes or refuses naming the revision."""
-    run_cell(world(backend), phase, fault)
+    if fault == "db-restart":  # a server of the test's own: never restart the shared one
+        pg = request.getfixturevalue("private_pg")
+        w = world(backend, url=pg.url(pg.create_database("app")))
+        w.private_pg = pg
+    else:
+        w = world(backend)
+    run_cell(w, phase, fault)
 
 
 # --- soak --------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ AUTOLOCK_FAULT_TRACE  file each revision appends "<kind> <rev> <pid> <monotonic 
 AUTOLOCK_FAULT_PAUSE  "<rev>:<point>": at that point the revision writes "pause" and waits,
                       its migration session idle, until the file "<trace>.go" exists
 AUTOLOCK_FAULT_FAIL   revision that raises after its first statement
+AUTOLOCK_FAULT_SLOW   "<rev>:<what>": after that statement, one that runs for 10 s
+                      (``pg_sleep``: PostgreSQL only), for a statement_timeout to end
+AUTOLOCK_FAULT_STATEMENT_TIMEOUT  milliseconds: env.py's connection_setup sets
+                      ``statement_timeout`` on the migration connection (PostgreSQL only)
 """
 
 import os
@@ -36,6 +40,9 @@ def run(rev: str, sql: str, what: str) -> None:
     trace("did", rev, what)
     if os.environ.get("AUTOLOCK_FAULT_FAIL") == rev:
         raise RuntimeError(f"revision {rev} failed on purpose")
+    if os.environ.get("AUTOLOCK_FAULT_SLOW") == f"{rev}:{what}":
+        op.execute("SELECT pg_sleep(10)")
+        trace("did", rev, "slow")
 
 
 def pause(rev: str, point: str) -> None:
