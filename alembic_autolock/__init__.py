@@ -15,8 +15,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._events import subscribe
-from ._results import Holder, MigrationResult, PendingRevision, Status
 from .exceptions import (
     AutolockError,
     ConfigError,
@@ -42,12 +40,19 @@ if TYPE_CHECKING:  # the names below are imported on first use (see __getattr__)
         upgrade_async,
     )
     from ._cold import ensure_migrated
+    from ._events import subscribe
     from ._lazy import install
     from ._migration_lock import migration_lock
+    from ._results import Holder, MigrationResult, PendingRevision, Status
     from ._runner import downgrade, durations, status, upgrade
     from .schemas import SchemaResult, SchemasReport, migrate_schemas
 
 _ON_FIRST_USE = {
+    "subscribe": "._events",
+    "Holder": "._results",
+    "MigrationResult": "._results",
+    "PendingRevision": "._results",
+    "Status": "._results",
     "ensure_migrated": "._cold",
     "install": "._lazy",
     "downgrade": "._runner",

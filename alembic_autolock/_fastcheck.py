@@ -24,12 +24,69 @@ from urllib.parse import parse_qsl, quote, unquote
 
 from ._mask import _SQLALCHEMY_URL
 
+# Where the command line takes the database URL from, after --url and -x url=...
+URL_VARIABLES = ("ALEMBIC_AUTOLOCK_URL", "DATABASE_URL")
+
 # What the version table's name and schema may be for the fast path to quote them itself
 # (quoted always; a name outside this pattern goes the full path, where SQLAlchemy quotes it).
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # The fast path gives up after this long connecting; the full path then tries with its own
 # retries and deadline (and says why it cannot connect).
 CONNECT_TIMEOUT_S = 5
+
+
+def environment_url() -> tuple[str, str] | None:
+    """The URL from the environment and the variable it came from (``postgres://``, as Heroku
+    and others set it, read as SQLAlchemy's ``postgresql://``)."""
+    for name in URL_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value:
+            if value.startswith("postgres://"):
+                value = "postgresql://" + value[len("postgres://") :]
+            return value, f"${name}"
+    return None
+
+
+def at_head(config: str | None, url: str | None) -> list[str] | None:
+    """The database's heads when it is at the history's heads as the manifest knows them; None
+    when that cannot be said here (see the module docstring). ``url``: --url or -x url=...,
+    else the environment, else ``sqlalchemy.url``."""
+    try:
+        from ._config import light_config, main_option
+        from ._manifest import lookup
+        from ._settings import resolve_settings
+
+        cfg = light_config(config, environ=os.environ)
+        if cfg is None:
+            return None
+        settings = resolve_settings({}, cfg)
+        found = lookup(cfg, settings.cache_dir)
+        if found is None:
+            return None
+        if not url:
+            from_environment = environment_url()
+            url = from_environment[0] if from_environment else main_option(cfg, "sqlalchemy.url")
+        if not url:
+            return None
+        heads = database_heads(url, settings.version_table, settings.version_table_schema)
+    except Exception:  # whatever it is, the full path meets it again and says what it is
+        return None
+    if heads is None or heads != found[1]:
+        return None
+    return sorted(heads)
+
+
+def at_head_document(current: list[str]) -> dict[str, Any]:
+    """``check --json`` at head, as the full path writes it."""
+    return {
+        "at_head": True,
+        "ahead": False,
+        "current_heads": current,
+        "script_heads": current,
+        "unknown_heads": [],
+        "pending": [],
+        "exit_code": 0,
+    }
 
 
 def database_heads(url: str, version_table: str, version_schema: str | None) -> set[str] | None:

@@ -30,7 +30,6 @@ from .exceptions import AutolockError, ConfigError, DatabaseUnavailable
 EXIT_OK, EXIT_PENDING, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # where --url comes from when it is not given, in order
-URL_VARIABLES = ("ALEMBIC_AUTOLOCK_URL", "DATABASE_URL")
 
 # how `status` and `holders` introduce each kind of session
 _ROLE_LABELS = {"lock": "held by", "fence": "migrating", "wait": "waiting"}
@@ -315,12 +314,11 @@ def database_url(args: argparse.Namespace, cfg: Any) -> tuple[str | None, str]:
         return args.url, "--url"
     if x_url := _x_url(args):
         return x_url, "-x url"
-    for name in URL_VARIABLES:
-        value = os.environ.get(name, "").strip()
-        if value:
-            if value.startswith("postgres://"):  # what Heroku and others set; SQLAlchemy's name
-                value = "postgresql://" + value[len("postgres://") :]
-            return value, f"${name}"
+    from ._fastcheck import environment_url
+
+    found = environment_url()
+    if found is not None:
+        return found
     from ._config import main_option
 
     where = cfg.config_file_name or "the [alembic] section of alembic.ini"
@@ -526,52 +524,13 @@ def _check_doc(st: Any, code: int) -> dict[str, Any]:
     }
 
 
-def _fast_check(args: argparse.Namespace, out: Output) -> int | None:
-    """The readiness probe's answer at head without SQLAlchemy or Alembic (``_fastcheck.py``):
-    EXIT_OK once printed, else None (the full path answers, with its words and exit codes)."""
-    if any(not x.startswith("url=") for x in args.x or []):
-        return None
-    try:
-        from ._config import light_config
-        from ._fastcheck import database_heads
-        from ._manifest import lookup
-        from ._settings import resolve_settings
-
-        cfg = light_config(args.config, environ=os.environ)
-        if cfg is None:
-            return None
-        settings = resolve_settings({}, cfg)
-        found = lookup(cfg, settings.cache_dir)
-        url = database_url(args, cfg)[0] if found is not None else None
-        if found is None or not url:
-            return None
-        heads = database_heads(url, settings.version_table, settings.version_table_schema)
-    except Exception:  # whatever it is, the full path meets it again and says what it is
-        return None
-    if heads is None or heads != found[1]:
-        return None
-    current = sorted(heads)
-    doc = {
-        "at_head": True,
-        "ahead": False,
-        "current_heads": current,
-        "script_heads": current,
-        "unknown_heads": [],
-        "pending": [],
-        "exit_code": EXIT_OK,
-    }
-    out.result(doc, f"at head: {', '.join(current)}")
-    return EXIT_OK
-
-
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 if the database is at head, 1 if revisions are pending, 2 if it is ahead of
     these scripts or on error. With --allow-manual, revisions kept for a job (autolock_manual)
     and those after them do not count as pending: exit 0 where start-up has nothing to do."""
+    # at head, the console script's entry point (_probe.py) answered before this module was
+    # imported; here every other case, with its words and exit codes
     out = Output(args)
-    fast = _fast_check(args, out)
-    if fast is not None:
-        return fast
     from . import _runner
 
     def run(engine: Any, cfg: Any) -> int:

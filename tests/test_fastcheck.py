@@ -14,13 +14,15 @@ from typing import Any
 import pytest
 from support import MIGRATIONS, worker_env
 
-# Runs the CLI in a fresh process and reports on stderr's last line whether SQLAlchemy was
-# imported: the fast path's whole point.
+# Runs the CLI as its console script does (alembic_autolock._probe:main) in a fresh process and
+# reports on stderr's last line whether SQLAlchemy was imported (the fast path's whole point),
+# and whether the command line module was.
 PROBE = (
     "import sys\n"
-    "from alembic_autolock.cli import main\n"
+    "from alembic_autolock._probe import main\n"
     "code = main(sys.argv[1:])\n"
-    "print('imported:', 'sqlalchemy' in sys.modules, 'alembic' in sys.modules, file=sys.stderr)\n"
+    "print('imported:', 'sqlalchemy' in sys.modules, 'alembic_autolock.cli' in sys.modules,"
+    " file=sys.stderr)\n"
     "sys.exit(code)\n"
 )
 
@@ -45,7 +47,10 @@ class Probe:
         )
         *rest, last = out.stderr.splitlines() or [""]
         assert last.startswith("imported:"), out.stderr
-        return out.returncode, out.stdout, "\n".join(rest), last.split()[1] == "True"
+        sqlalchemy, cli = (word == "True" for word in last.split()[1:3])
+        if not sqlalchemy:
+            assert not cli, "the fast answer came after importing the command line module"
+        return out.returncode, out.stdout, "\n".join(rest), sqlalchemy
 
     def same_as_full(self, *args: str, **env: str) -> tuple[int, str, bool]:
         """Run the check both ways: the same exit code, stdout and stderr."""
@@ -91,6 +96,19 @@ def test_at_head_the_probe_imports_neither_sqlalchemy_nor_alembic(
     assert (fast[0], json.loads(fast[1])) == (full[0], json.loads(full[1]))
     assert (fast[3], full[3]) == (False, True)
     assert probe.run("-c", ini, "-q", "check")[:3] == (0, "", "")
+    # the options the entry point reads itself, in any order and form
+    assert probe.run("check", f"--config={ini}", "-v", "--allow-manual")[1:] == (
+        "at head: r5\n",
+        "",
+        False,
+    )
+    assert probe.run("-c", ini, "-x", f"url={url}", "check")[1:] == ("at head: r5\n", "", False)
+    # anything it does not read goes to the full command line (here: its usage error, exit 2)
+    cli = str(Path(sys.executable).parent / "alembic-autolock")
+    bad = subprocess.run(
+        [cli, "-c", ini, "check", "--no-such-option"], capture_output=True, text=True, check=False
+    )
+    assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
 
 
 def test_anything_but_head_is_answered_by_the_full_path(
